@@ -1,0 +1,55 @@
+// The Python module flower_ext._C: declarations only. Arrays cross as addresses (DESIGN.md
+// section 3); the torch glue that produces them is flower_ext/ops.py.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <pybind11/stl_bind.h>
+
+#include "core/layout.h"
+#include "launchers.h"
+
+namespace py = pybind11;
+
+// Owned results (the trie arrays) are handed to numpy through the buffer protocol, without a copy.
+PYBIND11_MAKE_OPAQUE(std::vector<int32_t>)
+
+#define FLOWER_BIND_LAUNCHERS(device)                                                       \
+  m.def("log_flows_" #device, &flower::device::log_flows, release);                          \
+  m.def("log_flows_backward_" #device, &flower::device::log_flows_backward, release);        \
+  m.def("walk_" #device, &flower::device::walk, release);                                    \
+  m.def("advance_" #device, &flower::device::advance, release);                              \
+  m.def("token_bitmask_" #device, &flower::device::token_bitmask, release);                  \
+  m.def("apply_token_bitmask_" #device, &flower::device::apply_token_bitmask, release);      \
+  m.def("child_counts_" #device, &flower::device::child_counts, release);                    \
+  m.def("children_" #device, &flower::device::children, release);                            \
+  m.def("transition_log_probs_" #device, &flower::device::transition_log_probs, release);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "flower_ext compiled core: trie layout and the launchers of the trie ops";
+  const auto release = py::call_guard<py::gil_scoped_release>();
+
+  py::bind_vector<std::vector<int32_t>>(m, "Int32Vector", py::buffer_protocol());
+  py::class_<flower::TrieView>(m, "TrieView");
+  py::class_<flower::TrieCore>(m, "TrieCore")
+      .def_readonly("parent", &flower::TrieCore::parent)
+      .def_readonly("token", &flower::TrieCore::token)
+      .def_readonly("item_node", &flower::TrieCore::item_node);
+  py::class_<flower::TrieLayout>(m, "TrieLayout")
+      .def_readonly("depth", &flower::TrieLayout::depth)
+      .def_readonly("child_ptr", &flower::TrieLayout::child_ptr)
+      .def_readonly("level_ptr", &flower::TrieLayout::level_ptr)
+      .def_readonly("item_ptr", &flower::TrieLayout::item_ptr)
+      .def_readonly("item_list", &flower::TrieLayout::item_list)
+      .def_readonly("max_token", &flower::TrieLayout::max_token);
+
+  m.def("make_trie_view", &flower::make_trie_view);
+  m.def("build_trie", &flower::build_trie, release);
+  m.def("complete_layout", &flower::complete_layout, release);
+
+  FLOWER_BIND_LAUNCHERS(cpu)
+#ifdef FLOWER_WITH_CUDA
+  FLOWER_BIND_LAUNCHERS(cuda)
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

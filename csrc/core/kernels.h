@@ -1,0 +1,247 @@
+// Element kernels: the arithmetic of every op, written once for the host and the device.
+// The CPU launchers loop over them and the CUDA launchers map them onto grids, so the CPU tests
+// exercise exactly the code the GPU runs. None of them allocates; all of them treat indices that
+// came from user data as untrusted and report problems through the returned status bits.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+
+namespace flower {
+
+FLOWER_HD float exp_of(float x) { return expf(x); }
+FLOWER_HD double exp_of(double x) { return exp(x); }
+FLOWER_HD float log_of(float x) { return logf(x); }
+FLOWER_HD double log_of(double x) { return log(x); }
+
+template <typename T>
+FLOWER_HD T negative_infinity() {
+  return -static_cast<T>(INFINITY);
+}
+
+FLOWER_HD void atomic_or(uint32_t* word, uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  atomicOr(reinterpret_cast<unsigned int*>(word), bits);
+#else
+  *word |= bits;
+#endif
+}
+
+FLOWER_HD void report(int32_t* status, int32_t flags) {
+  if (flags == kOk) return;
+#if defined(__CUDA_ARCH__)
+  atomicOr(status, flags);
+#else
+  *status |= flags;
+#endif
+}
+
+template <typename Index>
+FLOWER_HD bool valid_node_or_none(Index node, int32_t num_nodes) {
+  return node >= -1 && node < static_cast<Index>(num_nodes);
+}
+
+template <typename Token>
+FLOWER_HD bool valid_token(Token token) {
+  return token >= 0 && static_cast<int64_t>(token) <= INT32_MAX;
+}
+
+// The child of `node` reached by `token`, or -1. Binary search: siblings are sorted by token.
+FLOWER_HD int32_t find_child(const TrieView& trie, int32_t node, int64_t token) {
+  int32_t lo = trie.child_ptr[node];
+  const int32_t end = trie.child_ptr[node + 1];
+  int32_t hi = end;
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (trie.token[mid] < token) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return (lo < end && trie.token[lo] == token) ? lo : -1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// log_flows: F(n) = logsumexp over the items ending at n and the children of n. Children have
+// larger ids than their parent, so any order that visits ids from high to low is bottom-up.
+
+template <typename T>
+FLOWER_HD int32_t log_flow_node(const TrieView& trie, const T* log_rewards, T* flows, int32_t n) {
+  const int32_t items_begin = trie.item_ptr[n], items_end = trie.item_ptr[n + 1];
+  const int32_t children_begin = trie.child_ptr[n], children_end = trie.child_ptr[n + 1];
+  int32_t status = kOk;
+  T peak = negative_infinity<T>();
+  for (int32_t k = items_begin; k < items_end; ++k) {
+    const T value = log_rewards[trie.item_list[k]];
+    if (!(value < static_cast<T>(INFINITY))) {  // NaN or +inf
+      status |= kRewardNotFinite;
+    } else if (value > peak) {
+      peak = value;
+    }
+  }
+  for (int32_t c = children_begin; c < children_end; ++c) {
+    if (flows[c] > peak) peak = flows[c];
+  }
+  if (peak == negative_infinity<T>()) {  // an empty subtree: every reward below is -inf
+    flows[n] = peak;
+    return status;
+  }
+  T total = 0;
+  for (int32_t k = items_begin; k < items_end; ++k) {
+    const T value = log_rewards[trie.item_list[k]];
+    if (value < static_cast<T>(INFINITY)) total += exp_of(value - peak);
+  }
+  for (int32_t c = children_begin; c < children_end; ++c) total += exp_of(flows[c] - peak);
+  flows[n] = peak + log_of(total);
+  return status;
+}
+
+// Backward of log_flows, top-down. With g = dL/dF, the adjoint of an item reward is
+//   dL/dr_i = sum over the ancestors a of i's node of g_a * exp(r_i - F_a).
+// Writing A(n) = sum_{a ancestor of n, inclusive} g_a * exp(F_n - F_a), the recursion
+//   A(n) = g_n + exp(F_n - F_parent) * A(parent)
+// only multiplies by factors <= 1, so it is stable, and dL/dr_i = exp(r_i - F_n) * A(n).
+template <typename T>
+FLOWER_HD void log_flow_backward_node(const TrieView& trie, const T* log_rewards, const T* flows,
+                                      const T* grad_flows, T* adjoint, T* grad_log_rewards,
+                                      int32_t n) {
+  const T flow = flows[n];
+  T a = grad_flows[n];
+  const int32_t parent = trie.parent[n];
+  if (parent >= 0 && flow != negative_infinity<T>()) {
+    a += exp_of(flow - flows[parent]) * adjoint[parent];
+  }
+  adjoint[n] = a;
+  for (int32_t k = trie.item_ptr[n]; k < trie.item_ptr[n + 1]; ++k) {
+    const int32_t item = trie.item_list[k];
+    const T value = log_rewards[item];
+    grad_log_rewards[item] = value == negative_infinity<T>() ? T(0) : exp_of(value - flow) * a;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// walk / advance
+
+template <typename Token>
+FLOWER_HD int32_t walk_row(const TrieView& trie, const Token* tokens, int64_t length,
+                           int64_t max_length, int32_t* nodes) {
+  int32_t status = kOk;
+  if (length < 0 || length > max_length) {
+    status |= kLengthOutOfRange;
+    length = 0;
+  }
+  int32_t node = 0;
+  for (int64_t t = 0; t < max_length; ++t) {
+    if (t >= length) {
+      nodes[t] = -1;
+      continue;
+    }
+    const Token token = tokens[t];
+    if (!valid_token(token)) {
+      status |= kTokenOutOfRange;
+      node = -1;
+    } else if (node >= 0) {
+      node = find_child(trie, node, static_cast<int64_t>(token));
+    }
+    nodes[t] = node;
+  }
+  return status;
+}
+
+template <typename Index, typename Token>
+FLOWER_HD int32_t advance_one(const TrieView& trie, Index node, Token token, int32_t* next) {
+  if (!valid_node_or_none(node, trie.num_nodes)) {
+    *next = -1;
+    return kNodeOutOfRange;
+  }
+  if (!valid_token(token)) {
+    *next = -1;
+    return kTokenOutOfRange;
+  }
+  *next = node < 0 ? -1 : find_child(trie, static_cast<int32_t>(node), static_cast<int64_t>(token));
+  return kOk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// token bitmask (xgrammar / vLLM layout: bit j of word w is token 32 w + j, 1 = allowed) and
+// in-place logit masking.
+
+FLOWER_HD int32_t child_count(const TrieView& trie, int32_t node) {
+  return node < 0 ? 0 : trie.child_ptr[node + 1] - trie.child_ptr[node];
+}
+
+// Sets the bit of the k-th child of `node` (0 <= k < child_count) in its row of the bitmask.
+FLOWER_HD int32_t set_child_bit(const TrieView& trie, int32_t node, int32_t k, int64_t vocab_size,
+                                uint32_t* row) {
+  const int32_t token = trie.token[trie.child_ptr[node] + k];
+  if (token >= vocab_size) return kVocabTooSmall;
+  atomic_or(row + (token >> 5), 1u << (static_cast<uint32_t>(token) & 31u));
+  return kOk;
+}
+
+// Overwrites logits[v] with the -inf bit pattern of its dtype unless bit v is set. Only the
+// element size matters, so float16, bfloat16, float32 and float64 logits share one kernel.
+template <typename Bits>
+FLOWER_HD void apply_bitmask_element(Bits* logits_row, const uint32_t* mask_row, int64_t v,
+                                     Bits negative_infinity_bits) {
+  if (((mask_row[v >> 5] >> (v & 31)) & 1u) == 0u) logits_row[v] = negative_infinity_bits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// children of path nodes, as CSR
+
+FLOWER_HD void child_entry(const TrieView& trie, int32_t node, int64_t k, int32_t* child_token,
+                           int32_t* child_node) {
+  const int32_t child = trie.child_ptr[node] + static_cast<int32_t>(k);
+  *child_token = trie.token[child];
+  *child_node = child;
+}
+
+// ---------------------------------------------------------------------------------------------
+// target transition log-probabilities along paths: log F(child) - log F(node). A zero-flow
+// source gives -inf (probability zero) rather than -inf - (-inf) = NaN; padding gives 0.
+
+template <typename T>
+FLOWER_HD T log_ratio(T numerator, T denominator) {
+  return denominator == negative_infinity<T>() ? negative_infinity<T>() : numerator - denominator;
+}
+
+template <typename T, typename Index>
+FLOWER_HD int32_t transition_step(const TrieView& trie, const T* flows, Index from, Index to,
+                                  T* out) {
+  if (!valid_node_or_none(from, trie.num_nodes) || !valid_node_or_none(to, trie.num_nodes)) {
+    *out = T(0);
+    return kNodeOutOfRange;
+  }
+  if (from < 0 || to < 0) {
+    *out = T(0);
+    return kOk;
+  }
+  if (trie.parent[to] != static_cast<int32_t>(from)) {
+    *out = T(0);
+    return kNotAChild;
+  }
+  *out = log_ratio(flows[to], flows[from]);
+  return kOk;
+}
+
+template <typename T, typename Index>
+FLOWER_HD int32_t transition_termination(const TrieView& trie, const T* flows, Index node,
+                                         int32_t termination_token, T* out) {
+  if (!valid_node_or_none(node, trie.num_nodes)) {
+    *out = T(0);
+    return kNodeOutOfRange;
+  }
+  if (node < 0) {
+    *out = T(0);
+    return kOk;
+  }
+  const int32_t end = find_child(trie, static_cast<int32_t>(node), termination_token);
+  *out = end < 0 ? negative_infinity<T>() : log_ratio(flows[end], flows[node]);
+  return kOk;
+}
+
+}  // namespace flower

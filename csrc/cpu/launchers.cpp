@@ -1,0 +1,209 @@
+// CPU launchers: loops over the element kernels of csrc/core/kernels.h, split over rows between
+// `exec` threads when there is enough work.
+#include "../launchers.h"
+
+#include "../core/dispatch.h"
+#include "../core/kernels.h"
+#include "parallel.h"
+
+namespace flower::cpu {
+namespace {
+
+constexpr int64_t kGrain = int64_t{1} << 15;  // element operations worth a thread
+
+int64_t rows_per_thread(int64_t work_per_row) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(work_per_row, 1));
+}
+
+void raise_status(Address status, int32_t flags) { *at<int32_t>(status) |= flags; }
+
+}  // namespace
+
+// On one thread, visiting node ids from high to low is bottom-up (children have larger ids), so
+// the CPU needs no level boundaries.
+void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
+               int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address status,
+               Address exec) {
+  dispatch_real(real, [&](auto zero) {
+    using T = decltype(zero);
+    const T* rewards = at<const T>(log_rewards);
+    T* out = at<T>(flows);
+    const int64_t nodes = trie.num_nodes, items = trie.num_items;
+    raise_status(status, parallel_for(batch, exec, rows_per_thread(nodes + items),
+                                      [&](int64_t begin, int64_t end) {
+      int32_t flags = kOk;
+      for (int64_t b = begin; b < end; ++b) {
+        for (int32_t n = trie.num_nodes - 1; n >= 0; --n) {
+          flags |= log_flow_node(trie, rewards + b * items, out + b * nodes, n);
+        }
+      }
+      return flags;
+    }));
+  });
+}
+
+void log_flows_backward(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
+                        Address grad_flows, Address adjoint, Address grad_log_rewards,
+                        int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address exec) {
+  dispatch_real(real, [&](auto zero) {
+    using T = decltype(zero);
+    const int64_t nodes = trie.num_nodes, items = trie.num_items;
+    parallel_for(batch, exec, rows_per_thread(nodes + items), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int32_t n = 0; n < trie.num_nodes; ++n) {
+          log_flow_backward_node(trie, at<const T>(log_rewards) + b * items,
+                                 at<const T>(flows) + b * nodes, at<const T>(grad_flows) + b * nodes,
+                                 at<T>(adjoint) + b * nodes, at<T>(grad_log_rewards) + b * items, n);
+        }
+      }
+      return int32_t{kOk};
+    });
+  });
+}
+
+void walk(const TrieView& trie, int32_t token_bytes, Address tokens, Address lengths,
+          int64_t batch, int64_t max_length, Address nodes, Address status, Address exec) {
+  dispatch_index(token_bytes, [&](auto zero) {
+    using Token = decltype(zero);
+    const int64_t* row_lengths = at<const int64_t>(lengths);
+    raise_status(status, parallel_for(batch, exec, rows_per_thread(max_length * 8),
+                                      [&](int64_t begin, int64_t end) {
+      int32_t flags = kOk;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t length = row_lengths == nullptr ? max_length : row_lengths[b];
+        flags |= walk_row(trie, at<const Token>(tokens) + b * max_length, length, max_length,
+                          at<int32_t>(nodes) + b * max_length);
+      }
+      return flags;
+    }));
+  });
+}
+
+void advance(const TrieView& trie, int32_t node_bytes, Address nodes, int32_t token_bytes,
+             Address tokens, int64_t count, Address next, Address status, Address exec) {
+  dispatch_index(node_bytes, [&](auto node_zero) {
+    dispatch_index(token_bytes, [&](auto token_zero) {
+      using Index = decltype(node_zero);
+      using Token = decltype(token_zero);
+      raise_status(status, parallel_for(count, exec, kGrain / 8, [&](int64_t begin, int64_t end) {
+        int32_t flags = kOk;
+        for (int64_t k = begin; k < end; ++k) {
+          flags |= advance_one(trie, at<const Index>(nodes)[k], at<const Token>(tokens)[k],
+                               at<int32_t>(next) + k);
+        }
+        return flags;
+      }));
+    });
+  });
+}
+
+void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int64_t batch,
+                   int64_t vocab_size, Address bitmask, Address status, Address exec) {
+  const int64_t words = (vocab_size + 31) / 32;
+  dispatch_index(node_bytes, [&](auto zero) {
+    using Index = decltype(zero);
+    raise_status(status, parallel_for(batch, exec, rows_per_thread(words),
+                                      [&](int64_t begin, int64_t end) {
+      int32_t flags = kOk;
+      for (int64_t b = begin; b < end; ++b) {
+        uint32_t* row = at<uint32_t>(bitmask) + b * words;
+        std::fill(row, row + words, 0u);
+        const Index node = at<const Index>(nodes)[b];
+        if (!valid_node_or_none(node, trie.num_nodes)) {
+          flags |= kNodeOutOfRange;
+          continue;
+        }
+        const int32_t count = child_count(trie, static_cast<int32_t>(node));
+        for (int32_t k = 0; k < count; ++k) {
+          flags |= set_child_bit(trie, static_cast<int32_t>(node), k, vocab_size, row);
+        }
+      }
+      return flags;
+    }));
+  });
+}
+
+void apply_token_bitmask(int32_t element_bytes, uint64_t negative_infinity_bits, Address logits,
+                         int64_t row_stride, int64_t batch, int64_t vocab_size, Address bitmask,
+                         int64_t words, Address exec) {
+  dispatch_bits(element_bytes, [&](auto zero) {
+    using Bits = decltype(zero);
+    const Bits fill = static_cast<Bits>(negative_infinity_bits);
+    parallel_for(batch, exec, rows_per_thread(vocab_size), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        Bits* row = at<Bits>(logits) + b * row_stride;
+        const uint32_t* mask_row = at<const uint32_t>(bitmask) + b * words;
+        for (int64_t v = 0; v < vocab_size; ++v) apply_bitmask_element(row, mask_row, v, fill);
+      }
+      return int32_t{kOk};
+    });
+  });
+}
+
+void child_counts(const TrieView& trie, int32_t node_bytes, Address nodes, int64_t count,
+                  Address counts, Address status, Address exec) {
+  dispatch_index(node_bytes, [&](auto zero) {
+    using Index = decltype(zero);
+    raise_status(status, parallel_for(count, exec, kGrain, [&](int64_t begin, int64_t end) {
+      int32_t flags = kOk;
+      for (int64_t k = begin; k < end; ++k) {
+        const Index node = at<const Index>(nodes)[k];
+        const bool valid = valid_node_or_none(node, trie.num_nodes);
+        if (!valid) flags |= kNodeOutOfRange;
+        at<int64_t>(counts)[k] = valid ? child_count(trie, static_cast<int32_t>(node)) : 0;
+      }
+      return flags;
+    }));
+  });
+}
+
+void children(const TrieView& trie, int32_t node_bytes, Address nodes, int64_t count,
+              Address row_ptr, int64_t total, Address child_tokens, Address child_nodes,
+              Address exec) {
+  dispatch_index(node_bytes, [&](auto zero) {
+    using Index = decltype(zero);
+    const int64_t* offsets = at<const int64_t>(row_ptr);
+    parallel_for(count, exec, rows_per_thread(total / std::max<int64_t>(count, 1)),
+                 [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int32_t node = static_cast<int32_t>(at<const Index>(nodes)[row]);
+        for (int64_t k = 0; k < offsets[row + 1] - offsets[row]; ++k) {
+          child_entry(trie, node, k, at<int32_t>(child_tokens) + offsets[row] + k,
+                      at<int32_t>(child_nodes) + offsets[row] + k);
+        }
+      }
+      return int32_t{kOk};
+    });
+  });
+}
+
+void transition_log_probs(const TrieView& trie, int32_t real, Address flows,
+                          int64_t flows_row_stride, int64_t batch, int32_t node_bytes,
+                          Address nodes, int64_t num_states, int32_t termination_token,
+                          Address step, Address termination, Address status, Address exec) {
+  dispatch_real(real, [&](auto real_zero) {
+    dispatch_index(node_bytes, [&](auto index_zero) {
+      using T = decltype(real_zero);
+      using Index = decltype(index_zero);
+      raise_status(status, parallel_for(batch, exec, rows_per_thread(num_states * 8),
+                                        [&](int64_t begin, int64_t end) {
+        int32_t flags = kOk;
+        for (int64_t b = begin; b < end; ++b) {
+          const T* row_flows = at<const T>(flows) + b * flows_row_stride;
+          const Index* path = at<const Index>(nodes) + b * num_states;
+          for (int64_t t = 0; t + 1 < num_states; ++t) {
+            flags |= transition_step(trie, row_flows, path[t], path[t + 1],
+                                     at<T>(step) + b * (num_states - 1) + t);
+          }
+          for (int64_t t = 0; t < num_states; ++t) {
+            flags |= transition_termination(trie, row_flows, path[t], termination_token,
+                                            at<T>(termination) + b * num_states + t);
+          }
+        }
+        return flags;
+      }));
+    });
+  });
+}
+
+}  // namespace flower::cpu

@@ -1,0 +1,585 @@
+"""The trie ops as torch custom ops: schemas, device kernels, fake and autograd implementations.
+
+All torch glue of the package lives here. The compiled module ``flower_ext._C`` sees addresses
+and sizes only (DESIGN.md section 3), so this module validates dtypes, devices and shapes,
+allocates every output and workspace, passes the current CUDA stream, and turns the status bits
+the kernels report into exceptions.
+
+A trie enters every op as two arguments: ``trie_data``, one int32 tensor holding the arrays
+``token[N] | parent[N] | child_ptr[N+1] | item_ptr[N+1] | item_list[I]``, and ``level_ptr``, the
+list of depth-level boundaries (``level_ptr[-1] == N``). :class:`flower_ext.Trie` keeps both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+__all__ = [
+    "log_flows",
+    "walk",
+    "advance",
+    "token_bitmask",
+    "apply_token_bitmask_",
+    "mask_logits_",
+    "children",
+    "transition_log_probs",
+]
+
+_REAL_CODES = {torch.float32: 0, torch.float64: 1}
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_MASKABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BITS_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# Status bits of csrc/core/common.h.
+_STATUS_MESSAGES = {
+    1: "node ids must lie in [-1, num_nodes)",
+    2: "token ids must lie in [0, 2^31)",
+    4: "log-rewards must not be NaN or +inf (-inf, a zero reward, is allowed)",
+    8: "lengths must lie in [0, L]",
+    16: "consecutive path nodes must be parent and child in the trie",
+    32: "vocab_size must exceed every token id in the trie",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# shared plumbing
+
+
+def trie_sizes(trie_data: Tensor, level_ptr: list[int]) -> tuple[int, int]:
+    """(num_nodes, num_items) of a packed trie."""
+    num_nodes = level_ptr[-1]
+    return num_nodes, trie_data.numel() - 4 * num_nodes - 2
+
+
+def _trie_view(trie_data: Tensor, level_ptr: list[int]):
+    num_nodes, num_items = trie_sizes(trie_data, level_ptr)
+    base, size = trie_data.data_ptr(), trie_data.element_size()
+    return _C.make_trie_view(
+        base,
+        base + size * num_nodes,
+        base + size * 2 * num_nodes,
+        base + size * (3 * num_nodes + 1),
+        base + size * (4 * num_nodes + 2),
+        num_nodes,
+        num_items,
+    )
+
+
+def _launcher(name: str, device: torch.device):
+    if device.type == "cuda" and not _C.has_cuda:
+        raise RuntimeError(
+            "flower_ext was built without CUDA kernels (no CUDA compiler was found at build time, "
+            "or FLOWER_EXT_CUDA=OFF); reinstall it where nvcc is available to use CUDA tensors"
+        )
+    return getattr(_C, f"{name}_{device.type}")
+
+
+def _exec(device: torch.device) -> int:
+    """The launchers' execution argument: thread count on the CPU, the current stream on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return torch.get_num_threads()
+
+
+def _new_status(device: torch.device) -> Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _raise_on_status(op: str, status: Tensor) -> None:
+    # Reading the status synchronises a CUDA stream; inside a CUDA graph capture it cannot be
+    # read, and the kernels' own bounds checks still keep every access in range.
+    if status.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    flags = int(status.item())
+    if flags:
+        problems = [message for bit, message in _STATUS_MESSAGES.items() if flags & bit]
+        raise ValueError(f"flower_ext.{op}: " + "; ".join(problems))
+
+
+def _check(condition: bool, op: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"flower_ext.{op}: {message}")
+
+
+def _check_device(op: str, trie_data: Tensor, **tensors: Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != trie_data.device:
+            raise ValueError(
+                f"flower_ext.{op}: {name} is on {tensor.device} but the trie is on "
+                f"{trie_data.device}; move one with .to(device)"
+            )
+
+
+def _check_index(op: str, name: str, tensor: Tensor) -> None:
+    _check(
+        tensor.dtype in _INDEX_DTYPES,
+        op,
+        f"{name} must be int32 or int64, got {tensor.dtype}",
+    )
+
+
+def _check_trie(op: str, trie_data: Tensor, level_ptr: list[int]) -> None:
+    _check(trie_data.dtype == torch.int32 and trie_data.dim() == 1, op, "trie_data must be 1-D int32")
+    _check(len(level_ptr) >= 2 and level_ptr[0] == 0, op, "level_ptr must start at 0")
+    num_nodes, num_items = trie_sizes(trie_data, level_ptr)
+    _check(num_items >= 1, op, "trie_data is too short for level_ptr")
+
+
+# ---------------------------------------------------------------------------------------------
+# log_flows
+
+
+def _check_log_flows(trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor) -> None:
+    op = "log_flows"
+    _check_trie(op, trie_data, level_ptr)
+    _check_device(op, trie_data, log_rewards=log_rewards)
+    _check(
+        log_rewards.dtype in _REAL_CODES,
+        op,
+        f"log_rewards must be float32 or float64, got {log_rewards.dtype}",
+    )
+    num_items = trie_sizes(trie_data, level_ptr)[1]
+    _check(
+        log_rewards.dim() in (1, 2) and log_rewards.shape[-1] == num_items,
+        op,
+        f"log_rewards must have shape [num_items] or [batch, num_items] with num_items = "
+        f"{num_items}, got {tuple(log_rewards.shape)}",
+    )
+
+
+def _flows_shape(trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor) -> tuple[int, ...]:
+    return (*log_rewards.shape[:-1], trie_sizes(trie_data, level_ptr)[0])
+
+
+@torch.library.custom_op("flower_ext::log_flows", mutates_args=(), device_types=("cpu", "cuda"))
+def log_flows(trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor) -> Tensor:
+    """Log-flow of every node: ``[I]`` or ``[B, I]`` item log-rewards -> ``[N]`` or ``[B, N]``."""
+    _check_log_flows(trie_data, level_ptr, log_rewards)
+    rewards = log_rewards.contiguous()
+    flows = rewards.new_empty(_flows_shape(trie_data, level_ptr, rewards))
+    status = _new_status(rewards.device)
+    batch = rewards.numel() // rewards.shape[-1]
+    _launcher("log_flows", rewards.device)(
+        _trie_view(trie_data, level_ptr), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
+        flows.data_ptr(), batch, _C.Int32Vector(level_ptr), status.data_ptr(), _exec(rewards.device),
+    )
+    _raise_on_status("log_flows", status)
+    return flows
+
+
+@log_flows.register_fake
+def _(trie_data, level_ptr, log_rewards):
+    _check_log_flows(trie_data, level_ptr, log_rewards)
+    return log_rewards.new_empty(_flows_shape(trie_data, level_ptr, log_rewards))
+
+
+@torch.library.custom_op(
+    "flower_ext::log_flows_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def log_flows_backward(
+    trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor, flows: Tensor, grad_flows: Tensor
+) -> Tensor:
+    """Gradient of :func:`log_flows` with respect to the log-rewards (a top-down pass)."""
+    rewards, flows, grad_flows = (t.contiguous() for t in (log_rewards, flows, grad_flows))
+    grad_rewards = torch.empty_like(rewards)
+    adjoint = torch.empty_like(flows)
+    batch = rewards.numel() // rewards.shape[-1]
+    _launcher("log_flows_backward", rewards.device)(
+        _trie_view(trie_data, level_ptr), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
+        flows.data_ptr(), grad_flows.data_ptr(), adjoint.data_ptr(), grad_rewards.data_ptr(),
+        batch, _C.Int32Vector(level_ptr), _exec(rewards.device),
+    )
+    return grad_rewards
+
+
+@log_flows_backward.register_fake
+def _(trie_data, level_ptr, log_rewards, flows, grad_flows):
+    return torch.empty_like(log_rewards)
+
+
+def _log_flows_setup(ctx, inputs, output):
+    trie_data, level_ptr, log_rewards = inputs
+    ctx.level_ptr = level_ptr
+    ctx.save_for_backward(trie_data, log_rewards, output)
+
+
+def _log_flows_grad(ctx, grad_flows):
+    trie_data, log_rewards, flows = ctx.saved_tensors
+    grad = log_flows_backward(trie_data, ctx.level_ptr, log_rewards, flows, grad_flows)
+    return None, None, grad
+
+
+log_flows.register_autograd(_log_flows_grad, setup_context=_log_flows_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# walk / advance
+
+
+def _check_walk(trie_data, level_ptr, tokens, lengths) -> None:
+    op = "walk"
+    _check_trie(op, trie_data, level_ptr)
+    _check_device(op, trie_data, tokens=tokens, lengths=lengths)
+    _check_index(op, "tokens", tokens)
+    _check(tokens.dim() == 2, op, f"tokens must have shape [batch, length], got {tuple(tokens.shape)}")
+    if lengths is not None:
+        _check(
+            not lengths.is_floating_point() and not lengths.is_complex() and lengths.dtype != torch.bool,
+            op,
+            f"lengths must be an integer tensor, got {lengths.dtype}",
+        )
+        _check(
+            lengths.shape == tokens.shape[:1],
+            op,
+            f"lengths must have shape [batch] = [{tokens.shape[0]}], got {tuple(lengths.shape)}",
+        )
+
+
+@torch.library.custom_op("flower_ext::walk", mutates_args=(), device_types=("cpu", "cuda"))
+def walk(trie_data: Tensor, level_ptr: list[int], tokens: Tensor, lengths: Tensor | None) -> Tensor:
+    """Node ids along each token path, ``[B, L]`` int32: ``out[b, t]`` is the node reached after
+    ``tokens[b, :t + 1]``; -1 once a token leaves the trie and at positions ``t >= lengths[b]``."""
+    _check_walk(trie_data, level_ptr, tokens, lengths)
+    tokens = tokens.contiguous()
+    nodes = torch.empty(tokens.shape, dtype=torch.int32, device=tokens.device)
+    row_lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
+    status = _new_status(tokens.device)
+    _launcher("walk", tokens.device)(
+        _trie_view(trie_data, level_ptr), tokens.element_size(), tokens.data_ptr(),
+        0 if row_lengths is None else row_lengths.data_ptr(), tokens.shape[0], tokens.shape[1],
+        nodes.data_ptr(), status.data_ptr(), _exec(tokens.device),
+    )
+    _raise_on_status("walk", status)
+    return nodes
+
+
+@walk.register_fake
+def _(trie_data, level_ptr, tokens, lengths):
+    _check_walk(trie_data, level_ptr, tokens, lengths)
+    return torch.empty(tokens.shape, dtype=torch.int32, device=tokens.device)
+
+
+def _check_advance(trie_data, level_ptr, node_ids, tokens) -> None:
+    op = "advance"
+    _check_trie(op, trie_data, level_ptr)
+    _check_device(op, trie_data, node_ids=node_ids, tokens=tokens)
+    _check_index(op, "node_ids", node_ids)
+    _check_index(op, "tokens", tokens)
+    _check(
+        node_ids.shape == tokens.shape,
+        op,
+        f"node_ids {tuple(node_ids.shape)} and tokens {tuple(tokens.shape)} must have one shape",
+    )
+
+
+@torch.library.custom_op("flower_ext::advance", mutates_args=(), device_types=("cpu", "cuda"))
+def advance(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor, tokens: Tensor) -> Tensor:
+    """The child of each node reached by each token (int32, same shape); -1 where there is none
+    or where the node id is already -1."""
+    _check_advance(trie_data, level_ptr, node_ids, tokens)
+    node_ids, tokens = node_ids.contiguous(), tokens.contiguous()
+    next_nodes = torch.empty(node_ids.shape, dtype=torch.int32, device=node_ids.device)
+    status = _new_status(node_ids.device)
+    _launcher("advance", node_ids.device)(
+        _trie_view(trie_data, level_ptr), node_ids.element_size(), node_ids.data_ptr(),
+        tokens.element_size(), tokens.data_ptr(), node_ids.numel(), next_nodes.data_ptr(),
+        status.data_ptr(), _exec(node_ids.device),
+    )
+    _raise_on_status("advance", status)
+    return next_nodes
+
+
+@advance.register_fake
+def _(trie_data, level_ptr, node_ids, tokens):
+    _check_advance(trie_data, level_ptr, node_ids, tokens)
+    return torch.empty(node_ids.shape, dtype=torch.int32, device=node_ids.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# token bitmask and logit masking
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """Int32 words per row of a token bitmask: ceil(vocab_size / 32)."""
+    return (vocab_size + 31) // 32
+
+
+def _check_node_rows(op, trie_data, level_ptr, node_ids) -> None:
+    _check_trie(op, trie_data, level_ptr)
+    _check_device(op, trie_data, node_ids=node_ids)
+    _check_index(op, "node_ids", node_ids)
+    _check(node_ids.dim() == 1, op, f"node_ids must be 1-D, got shape {tuple(node_ids.shape)}")
+
+
+def _check_token_bitmask(trie_data, level_ptr, node_ids, vocab_size) -> None:
+    _check_node_rows("token_bitmask", trie_data, level_ptr, node_ids)
+    _check(vocab_size > 0, "token_bitmask", f"vocab_size must be positive, got {vocab_size}")
+
+
+@torch.library.custom_op("flower_ext::token_bitmask", mutates_args=(), device_types=("cpu", "cuda"))
+def token_bitmask(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor, vocab_size: int) -> Tensor:
+    """Allowed-token bitmask ``[B, ceil(V / 32)]`` int32 in the xgrammar / vLLM layout: bit j of
+    word w is token 32 w + j, set when that token is a child of the row's node. Rows whose node
+    id is -1 allow nothing."""
+    _check_token_bitmask(trie_data, level_ptr, node_ids, vocab_size)
+    return _token_bitmask(trie_data, level_ptr, node_ids.contiguous(), vocab_size)
+
+
+def _token_bitmask(trie_data, level_ptr, node_ids, vocab_size, op="token_bitmask") -> Tensor:
+    words = bitmask_words(vocab_size)
+    bitmask = torch.empty((node_ids.shape[0], words), dtype=torch.int32, device=node_ids.device)
+    status = _new_status(node_ids.device)
+    _launcher("token_bitmask", node_ids.device)(
+        _trie_view(trie_data, level_ptr), node_ids.element_size(), node_ids.data_ptr(),
+        node_ids.shape[0], vocab_size, bitmask.data_ptr(), status.data_ptr(), _exec(node_ids.device),
+    )
+    _raise_on_status(op, status)
+    return bitmask
+
+
+@token_bitmask.register_fake
+def _(trie_data, level_ptr, node_ids, vocab_size):
+    _check_token_bitmask(trie_data, level_ptr, node_ids, vocab_size)
+    return node_ids.new_empty((node_ids.shape[0], bitmask_words(vocab_size)), dtype=torch.int32)
+
+
+def _check_logits(op: str, logits: Tensor, rows: int) -> None:
+    _check(
+        logits.dtype in _MASKABLE_DTYPES,
+        op,
+        f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}",
+    )
+    _check(logits.dim() == 2, op, f"logits must have shape [batch, vocab], got {tuple(logits.shape)}")
+    _check(logits.shape[0] == rows, op, f"logits have {logits.shape[0]} rows, expected {rows}")
+    _check(
+        logits.shape[1] <= 1 or logits.stride(1) == 1,
+        op,
+        "logits must be contiguous along the vocabulary (stride 1 in the last dimension)",
+    )
+
+
+def _check_apply(logits: Tensor, bitmask: Tensor) -> None:
+    op = "apply_token_bitmask_"
+    _check(
+        bitmask.dtype == torch.int32 and bitmask.dim() == 2,
+        op,
+        f"bitmask must be a 2-D int32 tensor, got {bitmask.dtype} of shape {tuple(bitmask.shape)}",
+    )
+    _check_logits(op, logits, bitmask.shape[0])
+    _check(
+        bitmask.device == logits.device,
+        op,
+        f"bitmask is on {bitmask.device} but logits are on {logits.device}",
+    )
+    _check(
+        bitmask.shape[1] == bitmask_words(logits.shape[1]),
+        op,
+        f"bitmask must have ceil(vocab / 32) = {bitmask_words(logits.shape[1])} words per row, "
+        f"got {bitmask.shape[1]}",
+    )
+
+
+def _negative_infinity_bits(dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    bits = torch.tensor(float("-inf"), dtype=dtype).view(_BITS_DTYPES[size]).item()
+    return bits % (1 << (8 * size))
+
+
+def _apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> None:
+    bitmask = bitmask.contiguous()
+    _launcher("apply_token_bitmask", logits.device)(
+        logits.element_size(), _negative_infinity_bits(logits.dtype), logits.data_ptr(),
+        logits.stride(0), logits.shape[0], logits.shape[1], bitmask.data_ptr(), bitmask.shape[1],
+        _exec(logits.device),
+    )
+
+
+@torch.library.custom_op(
+    "flower_ext::apply_token_bitmask_", mutates_args=("logits",), device_types=("cpu", "cuda")
+)
+def apply_token_bitmask_(logits: Tensor, bitmask: Tensor) -> None:
+    """Sets ``logits[b, v] = -inf`` in place wherever bit v of row b of ``bitmask`` is 0."""
+    _check_apply(logits, bitmask)
+    _apply_token_bitmask(logits, bitmask)
+
+
+@apply_token_bitmask_.register_fake
+def _(logits, bitmask):
+    _check_apply(logits, bitmask)
+
+
+def _check_mask_logits(trie_data, level_ptr, logits, node_ids) -> None:
+    op = "mask_logits_"
+    _check_node_rows(op, trie_data, level_ptr, node_ids)
+    _check_device(op, trie_data, logits=logits)
+    _check_logits(op, logits, node_ids.shape[0])
+
+
+@torch.library.custom_op(
+    "flower_ext::mask_logits_", mutates_args=("logits",), device_types=("cpu", "cuda")
+)
+def mask_logits_(trie_data: Tensor, level_ptr: list[int], logits: Tensor, node_ids: Tensor) -> None:
+    """Sets every logit that is not a child token of the row's node to -inf, in place."""
+    _check_mask_logits(trie_data, level_ptr, logits, node_ids)
+    bitmask = _token_bitmask(
+        trie_data, level_ptr, node_ids.contiguous(), logits.shape[1], op="mask_logits_"
+    )
+    _apply_token_bitmask(logits, bitmask)
+
+
+@mask_logits_.register_fake
+def _(trie_data, level_ptr, logits, node_ids):
+    _check_mask_logits(trie_data, level_ptr, logits, node_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# children of path nodes
+
+
+@torch.library.custom_op("flower_ext::children", mutates_args=(), device_types=("cpu", "cuda"))
+def children(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Children of each node as CSR: ``(row_ptr [M + 1] int64, child_tokens [K] int32,
+    child_nodes [K] int32)``; row m's children are entries ``row_ptr[m] .. row_ptr[m + 1] - 1``,
+    sorted by token. Node id -1 has no children."""
+    _check_node_rows("children", trie_data, level_ptr, node_ids)
+    node_ids = node_ids.contiguous()
+    device, count = node_ids.device, node_ids.shape[0]
+    view, exec_ = _trie_view(trie_data, level_ptr), _exec(device)
+    counts = torch.empty(count, dtype=torch.int64, device=device)
+    status = _new_status(device)
+    _launcher("child_counts", device)(
+        view, node_ids.element_size(), node_ids.data_ptr(), count, counts.data_ptr(),
+        status.data_ptr(), exec_,
+    )
+    _raise_on_status("children", status)
+    row_ptr = torch.zeros(count + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    total = int(row_ptr[-1])
+    child_tokens = torch.empty(total, dtype=torch.int32, device=device)
+    child_nodes = torch.empty(total, dtype=torch.int32, device=device)
+    _launcher("children", device)(
+        view, node_ids.element_size(), node_ids.data_ptr(), count, row_ptr.data_ptr(), total,
+        child_tokens.data_ptr(), child_nodes.data_ptr(), exec_,
+    )
+    return row_ptr, child_tokens, child_nodes
+
+
+@children.register_fake
+def _(trie_data, level_ptr, node_ids):
+    _check_node_rows("children", trie_data, level_ptr, node_ids)
+    total = torch.library.get_ctx().new_dynamic_size()
+    row_ptr = node_ids.new_empty(node_ids.shape[0] + 1, dtype=torch.int64)
+    return row_ptr, node_ids.new_empty(total, dtype=torch.int32), node_ids.new_empty(total, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# target transition log-probabilities
+
+
+def _check_transitions(trie_data, level_ptr, log_flows, path_nodes, termination_token) -> None:
+    op = "transition_log_probs"
+    _check_trie(op, trie_data, level_ptr)
+    _check_device(op, trie_data, log_flows=log_flows, path_nodes=path_nodes)
+    _check_index(op, "path_nodes", path_nodes)
+    num_nodes = trie_sizes(trie_data, level_ptr)[0]
+    _check(
+        log_flows.dtype in _REAL_CODES,
+        op,
+        f"log_flows must be float32 or float64, got {log_flows.dtype}",
+    )
+    _check(
+        path_nodes.dim() == 2 and path_nodes.shape[1] >= 1,
+        op,
+        f"path_nodes must have shape [batch, states] with states >= 1, got {tuple(path_nodes.shape)}",
+    )
+    _check(
+        log_flows.dim() == 1 and log_flows.shape[0] == num_nodes
+        or log_flows.dim() == 2 and log_flows.shape == (path_nodes.shape[0], num_nodes),
+        op,
+        f"log_flows must have shape [num_nodes] or [batch, num_nodes] = [{path_nodes.shape[0]}, "
+        f"{num_nodes}], got {tuple(log_flows.shape)}",
+    )
+    _check(
+        0 <= termination_token < 2**31,
+        op,
+        f"termination_token must lie in [0, 2^31), got {termination_token}",
+    )
+
+
+def _transition_shapes(path_nodes: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    batch, states = path_nodes.shape
+    return (batch, states - 1), (batch, states)
+
+
+@torch.library.custom_op(
+    "flower_ext::transition_log_probs", mutates_args=(), device_types=("cpu", "cuda")
+)
+def transition_log_probs(
+    trie_data: Tensor,
+    level_ptr: list[int],
+    log_flows: Tensor,
+    path_nodes: Tensor,
+    termination_token: int,
+) -> tuple[Tensor, Tensor]:
+    """Target log-probabilities along paths of states ``s_0 .. s_T`` (``path_nodes [B, T+1]``):
+    ``step [B, T]`` = log F(s_{t+1}) - log F(s_t) and ``termination [B, T+1]`` =
+    log F(s_t + termination_token) - log F(s_t), -inf where s_t has no such child. Padding
+    (node id -1) gives 0; a zero-flow state gives -inf."""
+    _check_transitions(trie_data, level_ptr, log_flows, path_nodes, termination_token)
+    flows, path_nodes = log_flows.contiguous(), path_nodes.contiguous()
+    step_shape, termination_shape = _transition_shapes(path_nodes)
+    step = flows.new_empty(step_shape)
+    termination = flows.new_empty(termination_shape)
+    status = _new_status(flows.device)
+    _launcher("transition_log_probs", flows.device)(
+        _trie_view(trie_data, level_ptr), _REAL_CODES[flows.dtype], flows.data_ptr(),
+        0 if flows.dim() == 1 else flows.shape[1], path_nodes.shape[0], path_nodes.element_size(),
+        path_nodes.data_ptr(), path_nodes.shape[1], termination_token, step.data_ptr(),
+        termination.data_ptr(), status.data_ptr(), _exec(flows.device),
+    )
+    _raise_on_status("transition_log_probs", status)
+    return step, termination
+
+
+@transition_log_probs.register_fake
+def _(trie_data, level_ptr, log_flows, path_nodes, termination_token):
+    _check_transitions(trie_data, level_ptr, log_flows, path_nodes, termination_token)
+    step_shape, termination_shape = _transition_shapes(path_nodes)
+    return log_flows.new_empty(step_shape), log_flows.new_empty(termination_shape)
+
+
+def _transition_setup(ctx, inputs, output):
+    trie_data, level_ptr, log_flows, path_nodes, termination_token = inputs
+    ctx.level_ptr, ctx.termination_token = level_ptr, termination_token
+    ctx.flows_shape = log_flows.shape
+    ctx.save_for_backward(trie_data, path_nodes, *output)
+
+
+def _transition_grad(ctx, grad_step, grad_termination):
+    # Each finite output is F[to] - F[from]: its gradient adds to `to` and subtracts from `from`.
+    trie_data, path_nodes, step, termination = ctx.saved_tensors
+    path = path_nodes.long()
+    batch = path.shape[0]
+    end_nodes = advance(
+        trie_data, ctx.level_ptr, path_nodes, torch.full_like(path_nodes, ctx.termination_token)
+    ).long()
+    rows = torch.arange(batch, device=path.device).unsqueeze(1).expand_as(path)
+    grad = torch.zeros((batch, ctx.flows_shape[-1]), dtype=step.dtype, device=step.device)
+    pairs = (
+        (grad_step, step, path[:, :-1], path[:, 1:], rows[:, 1:]),
+        (grad_termination, termination, path, end_nodes, rows),
+    )
+    for g, value, source, target, row in pairs:
+        used = torch.isfinite(value) & (source >= 0) & (target >= 0)
+        g = torch.where(used, g, torch.zeros_like(g))
+        grad.index_put_((row, target.clamp(min=0)), g, accumulate=True)
+        grad.index_put_((row, source.clamp(min=0)), -g, accumulate=True)
+    if len(ctx.flows_shape) == 1:
+        grad = grad.sum(0)
+    return None, None, grad, None, None
+
+
+transition_log_probs.register_autograd(_transition_grad, setup_context=_transition_setup)

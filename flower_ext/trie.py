@@ -1,0 +1,298 @@
+"""The catalog trie: its flat arrays as one tensor, building, moving between devices, saving."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _C, ops
+
+FORMAT_NAME = "flower_ext.trie"
+FORMAT_VERSION = "1"
+_SAVED_ARRAYS = ("parent", "token", "item_node")
+
+
+def _int64_array(values, name: str) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.dtype == np.uint64 and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds values beyond int64")
+    return np.ascontiguousarray(array.reshape(-1), dtype=np.int64)
+
+
+def _flatten(sequences: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    sequences = [s.tolist() if isinstance(s, (Tensor, np.ndarray)) else s for s in sequences]
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    try:
+        flat = np.fromiter(
+            itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(offsets[-1])
+        )
+    except (OverflowError, TypeError, ValueError) as error:
+        raise ValueError(f"sequences must hold integer token ids within int64: {error}") from None
+    return flat, offsets
+
+
+class Trie:
+    """Prefix tree over the token sequences of an item catalog.
+
+    Nodes are in BFS order (each depth level is a contiguous id range, the root is node 0) and
+    the children of a node are contiguous and sorted by token. All arrays live in one int32
+    tensor :attr:`data` (``token | parent | child_ptr | item_ptr | item_list``) beside the level
+    boundaries :attr:`level_ptr`; that pair is what the ops in :mod:`flower_ext.ops` take.
+
+    Build one with :meth:`from_sequences`; move it with :meth:`to`; persist it with :meth:`save`
+    and :meth:`load`.
+    """
+
+    def __init__(self, data: Tensor, level_ptr: Sequence[int], max_token: int):
+        self.data = data
+        self.level_ptr = [int(x) for x in level_ptr]
+        self.max_token = int(max_token)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_sequences(
+        cls,
+        sequences,
+        item_ids=None,
+        *,
+        offsets=None,
+        device: torch.device | str | None = None,
+    ) -> Trie:
+        """Builds the trie of a catalog.
+
+        Args:
+            sequences: one token-id list per item (each ending with the termination token when
+                items may be prefixes of others), or, with ``offsets``, the flat token ids.
+            item_ids: the item id of each sequence, a permutation of ``0 .. len - 1``;
+                sequence k is item k when omitted. Identical sequences share a leaf.
+            offsets: ``[num_items + 1]`` boundaries into the flat ``sequences``.
+            device: where the trie's tensor is placed (CPU by default).
+        """
+        if offsets is None:
+            flat, offsets = _flatten(sequences)
+        else:
+            flat, offsets = _int64_array(sequences, "tokens"), _int64_array(offsets, "offsets")
+            if offsets.size == 0:
+                raise ValueError("offsets must have num_items + 1 entries, starting with 0")
+        num_sequences = offsets.size - 1
+        ids = None if item_ids is None else _int64_array(item_ids, "item_ids")
+        if ids is not None and ids.size != num_sequences:
+            raise ValueError(
+                f"item_ids has {ids.size} entries for {num_sequences} sequences"
+            )
+        core = _C.build_trie(
+            flat.ctypes.data, flat.size, offsets.ctypes.data, num_sequences,
+            0 if ids is None else ids.ctypes.data,
+        )
+        return cls._from_core(core.parent, core.token, core.item_node, device)
+
+    @classmethod
+    def _from_core(cls, parent, token, item_node, device=None) -> Trie:
+        """Validates the defining arrays, derives the rest and packs them."""
+        parent, token, item_node = (
+            np.ascontiguousarray(np.asarray(a), dtype=np.int32) for a in (parent, token, item_node)
+        )
+        if parent.shape != token.shape:
+            raise ValueError("parent and token arrays differ in length")
+        layout = _C.complete_layout(
+            parent.ctypes.data, token.ctypes.data, parent.size, item_node.ctypes.data, item_node.size
+        )
+        packed = np.concatenate(
+            [token, parent, np.asarray(layout.child_ptr), np.asarray(layout.item_ptr),
+             np.asarray(layout.item_list)]
+        )
+        data = torch.from_numpy(packed)
+        if device is not None:
+            data = data.to(device)
+        return cls(data, np.asarray(layout.level_ptr).tolist(), layout.max_token)
+
+    # -- sizes and arrays -----------------------------------------------------------------
+
+    @property
+    def num_nodes(self) -> int:
+        return self.level_ptr[-1]
+
+    @property
+    def num_items(self) -> int:
+        return ops.trie_sizes(self.data, self.level_ptr)[1]
+
+    @property
+    def depth(self) -> int:
+        """Length of the longest path (the root has depth 0)."""
+        return len(self.level_ptr) - 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def _slice(self, start: int, length: int) -> Tensor:
+        return self.data[start : start + length]
+
+    @property
+    def token(self) -> Tensor:
+        """``[N]`` incoming token of each node, -1 at the root."""
+        return self._slice(0, self.num_nodes)
+
+    @property
+    def parent(self) -> Tensor:
+        """``[N]`` parent of each node, -1 at the root."""
+        return self._slice(self.num_nodes, self.num_nodes)
+
+    @property
+    def child_ptr(self) -> Tensor:
+        """``[N + 1]``: the children of node n are nodes ``child_ptr[n] .. child_ptr[n+1] - 1``."""
+        return self._slice(2 * self.num_nodes, self.num_nodes + 1)
+
+    @property
+    def item_ptr(self) -> Tensor:
+        """``[N + 1]``: items ending at node n are ``item_list[item_ptr[n] .. item_ptr[n+1] - 1]``."""
+        return self._slice(3 * self.num_nodes + 1, self.num_nodes + 1)
+
+    @property
+    def item_list(self) -> Tensor:
+        """``[I]`` item ids grouped by the node where they end."""
+        return self._slice(4 * self.num_nodes + 2, self.num_items)
+
+    @property
+    def item_node(self) -> Tensor:
+        """``[I]`` the node where each item's sequence ends."""
+        counts = self.item_ptr.diff()
+        nodes = torch.repeat_interleave(
+            torch.arange(self.num_nodes, dtype=torch.int32, device=self.device), counts
+        )
+        return torch.empty_like(nodes).scatter_(0, self.item_list.long(), nodes)
+
+    @property
+    def node_depth(self) -> Tensor:
+        """``[N]`` depth of each node."""
+        sizes = torch.tensor(self.level_ptr, device=self.device).diff()
+        return torch.repeat_interleave(
+            torch.arange(len(sizes), dtype=torch.int32, device=self.device), sizes
+        )
+
+    def to(self, device: torch.device | str) -> Trie:
+        """This trie on another device (self when already there)."""
+        if torch.device(device) == self.device:
+            return self
+        return Trie(self.data.to(device), self.level_ptr, self.max_token)
+
+    def __repr__(self) -> str:
+        return (
+            f"Trie(num_items={self.num_items}, num_nodes={self.num_nodes}, depth={self.depth}, "
+            f"max_token={self.max_token}, device={self.device})"
+        )
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the trie to a safetensors file (atomically: a crash leaves any old file intact)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        arrays = {
+            "parent": self.parent,
+            "token": self.token,
+            "item_node": self.item_node,
+        }
+        arrays = {name: tensor.cpu().contiguous() for name, tensor in arrays.items()}
+        metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(arrays, temporary, metadata=metadata)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> Trie:
+        """Reads a trie written by :meth:`save`. The file is parsed as data only (safetensors)
+        and every structural invariant is checked, so a corrupt or foreign file raises
+        ``ValueError`` and nothing in it is executed."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(path, framework="numpy") as handle:
+                metadata = handle.metadata() or {}
+                names = set(handle.keys())
+                arrays = {name: handle.get_tensor(name) for name in _SAVED_ARRAYS if name in names}
+        except (SafetensorError, OSError, ValueError) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+        if metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not a flower_ext trie file (format {metadata.get('format')!r})")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has trie format version {metadata.get('version')!r}; this flower_ext "
+                f"reads version {FORMAT_VERSION}"
+            )
+        for name in _SAVED_ARRAYS:
+            array = arrays.get(name)
+            if array is None or array.dtype != np.int32 or array.ndim != 1:
+                raise ValueError(f"{path}: array {name!r} is missing or not 1-D int32")
+        try:
+            return cls._from_core(arrays["parent"], arrays["token"], arrays["item_node"], device)
+        except ValueError as error:
+            raise ValueError(f"{path} holds an invalid trie: {error}") from None
+
+    # -- ops ------------------------------------------------------------------------------
+
+    def log_flows(self, log_rewards: Tensor) -> Tensor:
+        """Log-flow of every node from item log-rewards: ``[I]`` -> ``[N]``, ``[B, I]`` -> ``[B, N]``.
+
+        F(node) = logsumexp of the rewards of the items in its subtree; -inf rewards are zero
+        rewards and an empty subtree has flow -inf. Differentiable with respect to the rewards."""
+        return ops.log_flows(self.data, self.level_ptr, log_rewards)
+
+    def walk(self, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Node ids along each token path, ``[B, L]`` int32 (``[L]`` for a 1-D input); -1 after
+        a token leaves the trie and at positions at or past ``lengths``."""
+        if tokens.dim() == 1:
+            return ops.walk(self.data, self.level_ptr, tokens.unsqueeze(0), lengths)[0]
+        return ops.walk(self.data, self.level_ptr, tokens, lengths)
+
+    def advance(self, node_ids: Tensor, tokens: Tensor) -> Tensor:
+        """The child of each node reached by each token; -1 where there is none."""
+        return ops.advance(self.data, self.level_ptr, node_ids, tokens)
+
+    def token_bitmask(self, node_ids: Tensor, vocab_size: int) -> Tensor:
+        """``[B, ceil(V / 32)]`` int32 allowed-token bitmask in the xgrammar / vLLM layout."""
+        return ops.token_bitmask(self.data, self.level_ptr, node_ids, vocab_size)
+
+    def mask_logits_(self, logits: Tensor, node_ids: Tensor) -> Tensor:
+        """Sets, in place, every logit that is not a child of the row's node to -inf; returns
+        ``logits``."""
+        ops.mask_logits_(self.data, self.level_ptr, logits, node_ids)
+        return logits
+
+    def children(self, node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """CSR ``(row_ptr, child_tokens, child_nodes)`` of the children of each node."""
+        return ops.children(self.data, self.level_ptr, node_ids)
+
+    def transition_log_probs(
+        self, log_flows: Tensor, path_nodes: Tensor, termination_token: int
+    ) -> tuple[Tensor, Tensor]:
+        """Per step log F(s_{t+1}) / F(s_t) and per state the termination log-probability
+        log F(s_t + termination_token) / F(s_t) along the paths ``path_nodes [B, T+1]``."""
+        return ops.transition_log_probs(
+            self.data, self.level_ptr, log_flows, path_nodes, termination_token
+        )
