@@ -29,21 +29,14 @@ PYBIND11_MODULE(_C, m) {
 
   py::bind_vector<std::vector<int32_t>>(m, "Int32Vector", py::buffer_protocol());
   py::class_<flower::TrieView>(m, "TrieView");
-  py::class_<flower::TrieCore>(m, "TrieCore")
-      .def_readonly("parent", &flower::TrieCore::parent)
-      .def_readonly("token", &flower::TrieCore::token)
-      .def_readonly("item_node", &flower::TrieCore::item_node);
-  py::class_<flower::TrieLayout>(m, "TrieLayout")
-      .def_readonly("depth", &flower::TrieLayout::depth)
-      .def_readonly("child_ptr", &flower::TrieLayout::child_ptr)
-      .def_readonly("level_ptr", &flower::TrieLayout::level_ptr)
-      .def_readonly("item_ptr", &flower::TrieLayout::item_ptr)
-      .def_readonly("item_list", &flower::TrieLayout::item_list)
-      .def_readonly("max_token", &flower::TrieLayout::max_token);
+  py::class_<flower::PackedTrie>(m, "PackedTrie")
+      .def_readonly("data", &flower::PackedTrie::data)
+      .def_readonly("level_ptr", &flower::PackedTrie::level_ptr)
+      .def_readonly("max_token", &flower::PackedTrie::max_token);
 
   m.def("make_trie_view", &flower::make_trie_view);
   m.def("build_trie", &flower::build_trie, release);
-  m.def("complete_layout", &flower::complete_layout, release);
+  m.def("pack_trie", &flower::pack_trie, release);
 
   FLOWER_BIND_LAUNCHERS(cpu)
 #ifdef FLOWER_WITH_CUDA

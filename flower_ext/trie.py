@@ -96,31 +96,32 @@ class Trie:
             raise ValueError(
                 f"item_ids has {ids.size} entries for {num_sequences} sequences"
             )
-        core = _C.build_trie(
+        packed = _C.build_trie(
             flat.ctypes.data, flat.size, offsets.ctypes.data, num_sequences,
             0 if ids is None else ids.ctypes.data,
         )
-        return cls._from_core(core.parent, core.token, core.item_node, device)
+        return cls._from_packed(packed, device)
 
     @classmethod
-    def _from_core(cls, parent, token, item_node, device=None) -> Trie:
-        """Validates the defining arrays, derives the rest and packs them."""
+    def _from_arrays(cls, parent, token, item_node, device=None) -> Trie:
+        """Validates the defining arrays (BFS order) and derives the rest."""
         parent, token, item_node = (
-            np.ascontiguousarray(np.asarray(a), dtype=np.int32) for a in (parent, token, item_node)
+            np.ascontiguousarray(a, dtype=np.int32) for a in (parent, token, item_node)
         )
         if parent.shape != token.shape:
             raise ValueError("parent and token arrays differ in length")
-        layout = _C.complete_layout(
+        packed = _C.pack_trie(
             parent.ctypes.data, token.ctypes.data, parent.size, item_node.ctypes.data, item_node.size
         )
-        packed = np.concatenate(
-            [token, parent, np.asarray(layout.child_ptr), np.asarray(layout.item_ptr),
-             np.asarray(layout.item_list)]
-        )
-        data = torch.from_numpy(packed)
+        return cls._from_packed(packed, device)
+
+    @classmethod
+    def _from_packed(cls, packed, device=None) -> Trie:
+        # Zero-copy: the tensor shares the C++ buffer, which stays alive with it.
+        data = torch.from_numpy(np.asarray(packed.data))
         if device is not None:
             data = data.to(device)
-        return cls(data, np.asarray(layout.level_ptr).tolist(), layout.max_token)
+        return cls(data, list(packed.level_ptr), packed.max_token)
 
     # -- sizes and arrays -----------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class Trie:
             if array is None or array.dtype != np.int32 or array.ndim != 1:
                 raise ValueError(f"{path}: array {name!r} is missing or not 1-D int32")
         try:
-            return cls._from_core(arrays["parent"], arrays["token"], arrays["item_node"], device)
+            return cls._from_arrays(arrays["parent"], arrays["token"], arrays["item_node"], device)
         except ValueError as error:
             raise ValueError(f"{path} holds an invalid trie: {error}") from None
 
