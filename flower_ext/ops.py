@@ -68,20 +68,22 @@ def _trie_view(trie_data: Tensor, level_ptr: list[int]):
     )
 
 
-def _launcher(name: str, device: torch.device):
-    if device.type == "cuda" and not _C.has_cuda:
+def _launch(name: str, device: torch.device, *args) -> None:
+    """Runs launcher ``name`` of ``device``'s kind, passing the execution argument last: the
+    thread count on the CPU, the current stream on CUDA (with ``device`` made current, so that
+    tensors on any GPU run on their own GPU)."""
+    if device.type == "cpu":
+        getattr(_C, f"{name}_cpu")(*args, torch.get_num_threads())
+        return
+    if device.type != "cuda":
+        raise ValueError(f"flower_ext ops run on CPU and CUDA tensors, not on {device.type}")
+    if not _C.has_cuda:
         raise RuntimeError(
             "flower_ext was built without CUDA kernels (no CUDA compiler was found at build time, "
             "or FLOWER_EXT_CUDA=OFF); reinstall it where nvcc is available to use CUDA tensors"
         )
-    return getattr(_C, f"{name}_{device.type}")
-
-
-def _exec(device: torch.device) -> int:
-    """The launchers' execution argument: thread count on the CPU, the current stream on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
-    return torch.get_num_threads()
+    with torch.cuda.device(device):
+        getattr(_C, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
 def _new_status(device: torch.device) -> Tensor:
@@ -162,9 +164,9 @@ def log_flows(trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor) -> T
     flows = rewards.new_empty(_flows_shape(trie_data, level_ptr, rewards))
     status = _new_status(rewards.device)
     batch = rewards.numel() // rewards.shape[-1]
-    _launcher("log_flows", rewards.device)(
+    _launch("log_flows", rewards.device,
         _trie_view(trie_data, level_ptr), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
-        flows.data_ptr(), batch, _C.Int32Vector(level_ptr), status.data_ptr(), _exec(rewards.device),
+        flows.data_ptr(), batch, _C.Int32Vector(level_ptr), status.data_ptr(),
     )
     _raise_on_status("log_flows", status)
     return flows
@@ -187,10 +189,10 @@ def log_flows_backward(
     grad_rewards = torch.empty_like(rewards)
     adjoint = torch.empty_like(flows)
     batch = rewards.numel() // rewards.shape[-1]
-    _launcher("log_flows_backward", rewards.device)(
+    _launch("log_flows_backward", rewards.device,
         _trie_view(trie_data, level_ptr), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
         flows.data_ptr(), grad_flows.data_ptr(), adjoint.data_ptr(), grad_rewards.data_ptr(),
-        batch, _C.Int32Vector(level_ptr), _exec(rewards.device),
+        batch, _C.Int32Vector(level_ptr),
     )
     return grad_rewards
 
@@ -247,10 +249,10 @@ def walk(trie_data: Tensor, level_ptr: list[int], tokens: Tensor, lengths: Tenso
     nodes = torch.empty(tokens.shape, dtype=torch.int32, device=tokens.device)
     row_lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
     status = _new_status(tokens.device)
-    _launcher("walk", tokens.device)(
+    _launch("walk", tokens.device,
         _trie_view(trie_data, level_ptr), tokens.element_size(), tokens.data_ptr(),
         0 if row_lengths is None else row_lengths.data_ptr(), tokens.shape[0], tokens.shape[1],
-        nodes.data_ptr(), status.data_ptr(), _exec(tokens.device),
+        nodes.data_ptr(), status.data_ptr(),
     )
     _raise_on_status("walk", status)
     return nodes
@@ -283,10 +285,10 @@ def advance(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor, tokens: T
     node_ids, tokens = node_ids.contiguous(), tokens.contiguous()
     next_nodes = torch.empty(node_ids.shape, dtype=torch.int32, device=node_ids.device)
     status = _new_status(node_ids.device)
-    _launcher("advance", node_ids.device)(
+    _launch("advance", node_ids.device,
         _trie_view(trie_data, level_ptr), node_ids.element_size(), node_ids.data_ptr(),
         tokens.element_size(), tokens.data_ptr(), node_ids.numel(), next_nodes.data_ptr(),
-        status.data_ptr(), _exec(node_ids.device),
+        status.data_ptr(),
     )
     _raise_on_status("advance", status)
     return next_nodes
@@ -332,9 +334,9 @@ def _token_bitmask(trie_data, level_ptr, node_ids, vocab_size, op="token_bitmask
     words = bitmask_words(vocab_size)
     bitmask = torch.empty((node_ids.shape[0], words), dtype=torch.int32, device=node_ids.device)
     status = _new_status(node_ids.device)
-    _launcher("token_bitmask", node_ids.device)(
+    _launch("token_bitmask", node_ids.device,
         _trie_view(trie_data, level_ptr), node_ids.element_size(), node_ids.data_ptr(),
-        node_ids.shape[0], vocab_size, bitmask.data_ptr(), status.data_ptr(), _exec(node_ids.device),
+        node_ids.shape[0], vocab_size, bitmask.data_ptr(), status.data_ptr(),
     )
     _raise_on_status(op, status)
     return bitmask
@@ -390,10 +392,9 @@ def _negative_infinity_bits(dtype: torch.dtype) -> int:
 
 def _apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> None:
     bitmask = bitmask.contiguous()
-    _launcher("apply_token_bitmask", logits.device)(
+    _launch("apply_token_bitmask", logits.device,
         logits.element_size(), _negative_infinity_bits(logits.dtype), logits.data_ptr(),
         logits.stride(0), logits.shape[0], logits.shape[1], bitmask.data_ptr(), bitmask.shape[1],
-        _exec(logits.device),
     )
 
 
@@ -447,12 +448,12 @@ def children(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor) -> tuple
     _check_node_rows("children", trie_data, level_ptr, node_ids)
     node_ids = node_ids.contiguous()
     device, count = node_ids.device, node_ids.shape[0]
-    view, exec_ = _trie_view(trie_data, level_ptr), _exec(device)
+    view = _trie_view(trie_data, level_ptr)
     counts = torch.empty(count, dtype=torch.int64, device=device)
     status = _new_status(device)
-    _launcher("child_counts", device)(
+    _launch("child_counts", device,
         view, node_ids.element_size(), node_ids.data_ptr(), count, counts.data_ptr(),
-        status.data_ptr(), exec_,
+        status.data_ptr(),
     )
     _raise_on_status("children", status)
     row_ptr = torch.zeros(count + 1, dtype=torch.int64, device=device)
@@ -460,9 +461,9 @@ def children(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor) -> tuple
     total = int(row_ptr[-1])
     child_tokens = torch.empty(total, dtype=torch.int32, device=device)
     child_nodes = torch.empty(total, dtype=torch.int32, device=device)
-    _launcher("children", device)(
+    _launch("children", device,
         view, node_ids.element_size(), node_ids.data_ptr(), count, row_ptr.data_ptr(), total,
-        child_tokens.data_ptr(), child_nodes.data_ptr(), exec_,
+        child_tokens.data_ptr(), child_nodes.data_ptr(),
     )
     return row_ptr, child_tokens, child_nodes
 
@@ -534,11 +535,11 @@ def transition_log_probs(
     step = flows.new_empty(step_shape)
     termination = flows.new_empty(termination_shape)
     status = _new_status(flows.device)
-    _launcher("transition_log_probs", flows.device)(
+    _launch("transition_log_probs", flows.device,
         _trie_view(trie_data, level_ptr), _REAL_CODES[flows.dtype], flows.data_ptr(),
         0 if flows.dim() == 1 else flows.shape[1], path_nodes.shape[0], path_nodes.element_size(),
         path_nodes.data_ptr(), path_nodes.shape[1], termination_token, step.data_ptr(),
-        termination.data_ptr(), status.data_ptr(), _exec(flows.device),
+        termination.data_ptr(), status.data_ptr(),
     )
     _raise_on_status("transition_log_probs", status)
     return step, termination

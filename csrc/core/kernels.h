@@ -72,6 +72,12 @@ template <typename T>
 FLOWER_HD int32_t log_flow_node(const TrieView& trie, const T* log_rewards, T* flows, int32_t n) {
   const int32_t items_begin = trie.item_ptr[n], items_end = trie.item_ptr[n + 1];
   const int32_t children_begin = trie.child_ptr[n], children_end = trie.child_ptr[n + 1];
+  // Most nodes of a catalog trie lie on unary chains (one child, no item ending there): their
+  // flow is the child's, bit for bit, with no exp/log to pay.
+  if (items_begin == items_end && children_end - children_begin == 1) {
+    flows[n] = flows[children_begin];
+    return kOk;
+  }
   int32_t status = kOk;
   T peak = negative_infinity<T>();
   for (int32_t k = items_begin; k < items_end; ++k) {
@@ -216,9 +222,13 @@ FLOWER_HD int32_t transition_step(const TrieView& trie, const T* flows, Index fr
     *out = T(0);
     return kNodeOutOfRange;
   }
-  if (from < 0 || to < 0) {
+  if (to < 0) {  // padding after the end of the path
     *out = T(0);
     return kOk;
+  }
+  if (from < 0) {  // a real state after padding: not a path
+    *out = T(0);
+    return kNotAChild;
   }
   if (trie.parent[to] != static_cast<int32_t>(from)) {
     *out = T(0);
