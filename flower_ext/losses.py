@@ -82,12 +82,15 @@ def state_log_rewards(
     ``log R(s_k ⊤) = sum_{t<k} log P̂(y_{t+1} | s_t) + c_k`` with ``c_k = log P̂(⊤ | s_k)`` when
     ``s_k`` is a complete title (its termination child has a positive flow) and
     ``incomplete_log_reward`` otherwise. ``log_flows`` is ``[N]`` (one reward for all rows) or
-    ``[B, N]`` (per-user rewards, e.g. personalised). Carries no gradient to the model; it is
-    differentiable with respect to ``log_flows``.
+    ``[B, N]`` (per-user rewards, e.g. personalised). A state of zero reward (its path enters a
+    subtree whose items all have zero reward) gets -1e4 instead of -inf, so that the squared
+    residuals of the losses stay finite. Carries no gradient to the model; it is differentiable
+    with respect to ``log_flows``.
     """
     step, termination = trie.transition_log_probs(log_flows, path_nodes, termination_token)
-    prefix = torch.cumsum(step, dim=1)
-    prefix = torch.cat([torch.zeros_like(prefix[:, :1]), prefix], dim=1)
+    # Sum of the step log-probabilities before each state; the [B, 1] zeros come from
+    # `termination` because `step` has no column to copy when every path is the root alone.
+    prefix = torch.cat([torch.zeros_like(termination[:, :1]), torch.cumsum(step, dim=1)], dim=1)
     ending = torch.where(
         torch.isfinite(termination), termination, torch.full_like(termination, incomplete_log_reward)
     )

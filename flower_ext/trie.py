@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -37,10 +38,10 @@ def _flatten(sequences: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    # operator.index admits integers only: np.fromiter alone would truncate 1.7 to token 1.
+    tokens = map(operator.index, itertools.chain.from_iterable(sequences))
     try:
-        flat = np.fromiter(
-            itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(offsets[-1])
-        )
+        flat = np.fromiter(tokens, dtype=np.int64, count=int(offsets[-1]))
     except (OverflowError, TypeError, ValueError) as error:
         raise ValueError(f"sequences must hold integer token ids within int64: {error}") from None
     return flat, offsets

@@ -1,0 +1,184 @@
+"""Trie-constrained decoding with transformers' ``generate`` and a tiny random Llama model.
+
+A random model left alone would emit arbitrary tokens, so every decoding strategy producing only
+catalog items (followed by EOS) is the processor's doing. The model is built from a config with
+a fixed seed: no download.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+from flower_ext import Trie
+from flower_ext.generation import TrieLogitsProcessor, allowed_token_bitmask
+from helpers_data import allowed_tokens, leaf_nodes, node_rows, random_catalog
+
+VOCAB = 300  # not a multiple of 32
+PAD = 0
+EOS = 255  # bit 31 (the int32 sign bit) of bitmask word 7
+TERMINATION = 10  # ends every item, like "\n" after a title
+PROMPT_TOKENS = range(1, EOS)  # neither PAD nor EOS
+MAX_ITEM_LENGTH = 6  # title tokens; + TERMINATION + EOS bounds the generated length
+MAX_NEW_TOKENS = MAX_ITEM_LENGTH + 2
+
+
+@pytest.fixture(scope="module")
+def catalog() -> list[list[int]]:
+    rng = random.Random(0)
+    title_tokens = rng.sample([t for t in range(11, VOCAB) if t != EOS], 12)
+    return random_catalog(rng, 30, title_tokens, MAX_ITEM_LENGTH, TERMINATION)
+
+
+@pytest.fixture(scope="module")
+def trie(catalog) -> Trie:
+    return Trie.from_sequences(catalog)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+        bos_token_id=None,
+        eos_token_id=EOS,
+    )
+    with torch.random.fork_rng():  # a fixed model without touching other tests' RNG state
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+
+def random_prompts(batch: int, length: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(
+        PROMPT_TOKENS.start, PROMPT_TOKENS.stop, (batch, length), generator=generator
+    )
+
+
+def generate(model, trie: Trie, input_ids: Tensor, attention_mask: Tensor, **options) -> Tensor:
+    """``model.generate`` constrained by the trie; returns only the generated tokens."""
+    processor = TrieLogitsProcessor(trie, input_ids.shape[1], EOS)
+    config = GenerationConfig(
+        max_new_tokens=MAX_NEW_TOKENS, pad_token_id=PAD, eos_token_id=EOS, **options
+    )
+    with torch.no_grad():
+        sequences = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([processor]),
+        )
+    return sequences[:, input_ids.shape[1] :]
+
+
+def decoded_items(generated: Tensor) -> list[tuple[int, ...]]:
+    """The item of each row: its tokens before the first EOS. Fails on a row without EOS or with
+    anything but EOS / PAD after it."""
+    items = []
+    for row in generated.tolist():
+        assert EOS in row, f"row {row} did not end"
+        end = row.index(EOS)
+        assert set(row[end:]) <= {EOS, PAD}, f"row {row} continues after EOS"
+        items.append(tuple(row[:end]))
+    return items
+
+
+def assert_all_in_catalog(items, catalog) -> None:
+    outside = set(items) - {tuple(item) for item in catalog}
+    assert not outside, f"generated items outside the catalog: {outside}"
+
+
+def test_greedy_generates_catalog_items(model, trie, catalog):
+    prompts = random_prompts(4, 7, seed=1)
+    generated = generate(model, trie, prompts, torch.ones_like(prompts), do_sample=False)
+    assert_all_in_catalog(decoded_items(generated), catalog)
+
+
+def test_greedy_with_left_padding_generates_catalog_items(model, trie, catalog):
+    """Prompts of different lengths, left-padded: the trie state starts after the padded prompt
+    for every row."""
+    lengths = [3, 7, 5, 1]
+    prompts = random_prompts(len(lengths), max(lengths), seed=2)
+    attention_mask = torch.arange(max(lengths)) >= max(lengths) - torch.tensor(lengths).unsqueeze(1)
+    input_ids = prompts.masked_fill(~attention_mask, PAD)
+    generated = generate(model, trie, input_ids, attention_mask.long(), do_sample=False)
+    assert_all_in_catalog(decoded_items(generated), catalog)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampling_generates_catalog_items(model, trie, catalog, seed):
+    prompts = random_prompts(8, 5, seed=10 + seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        generated = generate(model, trie, prompts, torch.ones_like(prompts), do_sample=True)
+    assert_all_in_catalog(decoded_items(generated), catalog)
+
+
+def test_beam_search_returns_ten_distinct_catalog_items(model, trie, catalog):
+    beams = 10
+    prompts = random_prompts(2, 6, seed=3)
+    generated = generate(
+        model,
+        trie,
+        prompts,
+        torch.ones_like(prompts),
+        do_sample=False,
+        num_beams=beams,
+        num_return_sequences=beams,
+    )
+    items = decoded_items(generated)
+    assert_all_in_catalog(items, catalog)
+    for prompt in range(prompts.shape[0]):
+        top = items[prompt * beams : (prompt + 1) * beams]
+        assert len(set(top)) == beams, f"prompt {prompt}: repeated items in {top}"
+
+
+def test_processor_does_not_modify_scores_in_place(trie, catalog):
+    prompt_length = 4
+    # Generated so far: the first token of two items (inside the trie), and PAD (outside it).
+    generated = torch.tensor([[catalog[0][0]], [catalog[-1][0]], [PAD]])
+    input_ids = torch.cat([random_prompts(3, prompt_length, seed=4), generated], dim=1)
+    scores = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5))
+    original = scores.clone()
+
+    masked = TrieLogitsProcessor(trie, prompt_length, EOS)(input_ids, scores)
+
+    assert torch.equal(scores, original)
+    kept = masked.isfinite()
+    assert torch.equal(masked[kept], scores[kept])
+    assert kept.any(dim=1).all() and not kept.all(dim=1).any()
+    assert kept[2].nonzero().flatten().tolist() == [EOS]  # left the trie: only EOS remains
+
+
+def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """``[B, V]`` bool from an int32 bitmask: bit j of word w is token 32 w + j. (An arithmetic
+    shift keeps bit 31 of a negative word readable.)"""
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.flatten(1)[:, :vocab_size].bool()
+
+
+@pytest.mark.parametrize("eos_token_id", [31, 63, VOCAB - 1])
+def test_allowed_token_bitmask_allows_only_eos_after_an_item(trie, eos_token_id):
+    """Rows at a leaf (complete item) or at -1 (left the trie) may only end; other rows get
+    their children and no EOS. EOS 31 and 63 sit on the int32 sign bit."""
+    nodes = node_rows(trie, random.Random(eos_token_id), count=20)
+    finished = (nodes == -1) | torch.isin(nodes, leaf_nodes(trie))
+    assert finished.any() and not finished.all()
+    children = allowed_tokens(trie, nodes, VOCAB)
+    assert not children[finished].any()
+
+    expected = children.clone()
+    expected[finished, eos_token_id] = True
+    bitmask = allowed_token_bitmask(trie, nodes, VOCAB, eos_token_id)
+    assert torch.equal(unpack_bitmask(bitmask, VOCAB), expected)
+    # Without an EOS id, a finished row allows nothing.
+    assert torch.equal(unpack_bitmask(allowed_token_bitmask(trie, nodes, VOCAB), VOCAB), children)

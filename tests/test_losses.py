@@ -1,0 +1,341 @@
+"""The Flower losses (flower_ext/losses.py) against their definitions: the closed-form
+sub-trajectory balance against the O(T^2) all-pairs sum, flow matching and per-state rewards
+against the reference, a hand-computed example, gradcheck and torch.compile."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flower_ext import Trie, losses
+from flower_ext import reference as ref_ops
+from strategies import (
+    SEEDS,
+    SMALL_VOCAB,
+    build,
+    catalogs,
+    item_paths,
+    log_reward_tensors,
+    seeded,
+)
+
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+# Logits may be half precision too: the losses compute in float32 (float64 for float64 logits).
+LOGIT_DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64])
+TOLERANCE = {
+    # Gradients w.r.t. half-precision logits are rounded to it: one ulp is ~0.4 % in bfloat16.
+    torch.float16: dict(rtol=1e-2, atol=1e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-3),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+}
+
+
+@st.composite
+def trajectories(draw, dtype=torch.float64, max_batch: int = 6, max_actions: int = 10):
+    """Log-probabilities and rewards of a batch of trajectories with variable lengths (T = 0
+    rows and B = 0 included): ``(action_log_probs [B, T], termination_log_probs [B, T+1],
+    log_rewards [B, T+1], lengths [B])``. Entries past a row's length are NaN, which the losses
+    must ignore."""
+    batch = draw(st.integers(0, max_batch))
+    num_actions = draw(st.integers(0, max_actions))
+    lengths = torch.tensor(
+        draw(st.lists(st.integers(0, num_actions), min_size=batch, max_size=batch)),
+        dtype=torch.int64,
+    )
+    seed = draw(SEEDS)
+    states = torch.arange(num_actions + 1)
+    valid = states.unsqueeze(0) <= lengths.unsqueeze(1)
+    actions = -seeded(seed, (batch, num_actions), dtype).abs()  # log-probabilities are <= 0
+    termination = -seeded(seed + 1, (batch, num_actions + 1), dtype).abs()
+    rewards = seeded(seed + 2, (batch, num_actions + 1), dtype) - 20.0
+    nan = float("nan")
+    return (
+        actions.masked_fill(~valid[:, 1:], nan),
+        termination.masked_fill(~valid, nan),
+        rewards.masked_fill(~valid, nan),
+        lengths,
+    )
+
+
+def requiring_grad(*tensors):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+def grads(loss, inputs):
+    """Gradients of ``loss`` w.r.t. the inputs that require them; an input the loss does not
+    depend on (e.g. every input of a batch without pairs) gets zeros."""
+    floating = [t for t in inputs if t.requires_grad]
+    if not loss.requires_grad:
+        return [torch.zeros_like(t) for t in floating]
+    found = torch.autograd.grad(loss, floating, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(floating, found)]
+
+
+# ---------------------------------------------------------------------------------------------
+# sub-trajectory balance
+
+
+@given(dtype=DTYPES, data=st.data())
+def test_subtb_closed_form_equals_all_pairs(dtype, data):
+    inputs = requiring_grad(*data.draw(trajectories(dtype)))
+    closed = losses.subtb_loss_from_log_probs(*inputs)
+    all_pairs = ref_ops.subtb_loss_all_pairs(*inputs)
+    assert closed.dtype == dtype
+    torch.testing.assert_close(closed, all_pairs, **TOLERANCE[dtype])
+    for got, expected in zip(grads(closed, inputs), grads(all_pairs, inputs)):
+        torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+
+
+def test_subtb_closed_form_is_centred_in_float32():
+    """Per-state values near the -1e4 reward floor: an uncentred sum of squares (n sum H^2 -
+    (sum H)^2) would cancel catastrophically in float32; the centred form keeps the float64
+    answer to float32 precision."""
+    batch, num_actions = 4, 12
+    actions = -seeded(1, (batch, num_actions)).abs()
+    termination = -seeded(2, (batch, num_actions + 1)).abs()
+    rewards = seeded(3, (batch, num_actions + 1)) - 1e4
+    # Rounded to float32 first, so that the float64 reference sees the same inputs.
+    inputs = [t.float() for t in (actions, termination, rewards)]
+    lengths = torch.tensor([12, 7, 1, 0])
+    exact = ref_ops.subtb_loss_all_pairs(*(t.double() for t in inputs), lengths)
+    closed = losses.subtb_loss_from_log_probs(*inputs, lengths)
+    assert closed.dtype == torch.float32
+    torch.testing.assert_close(closed.double(), exact, rtol=1e-4, atol=0)
+
+
+def test_subtb_without_pairs_is_zero():
+    actions, termination, rewards = torch.zeros(3, 0), torch.zeros(3, 1), torch.zeros(3, 1)
+    assert (
+        losses.subtb_loss_from_log_probs(
+            actions, termination, rewards, torch.zeros(3, dtype=torch.int64)
+        )
+        == 0
+    )
+    empty = (
+        torch.zeros(0, 5),
+        torch.zeros(0, 6),
+        torch.zeros(0, 6),
+        torch.zeros(0, dtype=torch.int64),
+    )
+    assert losses.subtb_loss_from_log_probs(*empty) == 0
+
+
+@st.composite
+def sampled_logits(draw, dtype=torch.float64, vocab_size: int = 11):
+    """``(logits [B, T+1, V], actions [B, T], lengths [B], termination_token)``; padding actions
+    hold arbitrary (even out-of-vocabulary) ids that the loss must mask."""
+    batch, num_actions = draw(st.integers(0, 5)), draw(st.integers(0, 8))
+    seed = draw(SEEDS)
+    logits = seeded(seed, (batch, num_actions + 1, vocab_size), dtype)
+    actions = torch.randint(
+        0, vocab_size, (batch, num_actions), generator=torch.Generator().manual_seed(seed)
+    )
+    lengths = torch.tensor(
+        draw(st.lists(st.integers(0, num_actions), min_size=batch, max_size=batch)),
+        dtype=torch.int64,
+    )
+    padding = torch.arange(num_actions).unsqueeze(0) >= lengths.unsqueeze(1)
+    return (
+        logits,
+        actions.masked_fill(padding, 10**6),
+        lengths,
+        draw(st.integers(0, vocab_size - 1)),
+    )
+
+
+@given(dtype=LOGIT_DTYPES, data=st.data())
+def test_subtb_loss_from_logits(dtype, data):
+    logits, actions, lengths, termination_token = data.draw(sampled_logits(dtype))
+    rewards_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    rewards = seeded(data.draw(SEEDS), (logits.shape[0], logits.shape[1]), rewards_dtype) - 5
+    (logits,) = requiring_grad(logits)
+    got = losses.subtb_loss(logits, actions, rewards, lengths, termination_token)
+    expected = ref_ops.subtb_loss(logits, actions, rewards, lengths, termination_token)
+    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(grads(got, [logits]), grads(expected, [logits]), **TOLERANCE[dtype])
+
+
+def test_subtb_loss_gradcheck():
+    logits, actions, lengths, termination_token = _fixed_logits()
+    rewards = seeded(5, logits.shape[:2]) - 5
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: losses.subtb_loss(x, actions, rewards, lengths, termination_token), (logits,)
+    )
+
+
+def _fixed_logits():
+    """Three trajectories of 4, 2 and 0 actions over a vocabulary of 7; termination token 6."""
+    logits = seeded(4, (3, 5, 7))
+    actions = torch.tensor([[1, 2, 3, 4], [0, 6, 9, 9], [9, 9, 9, 9]])
+    return logits, actions, torch.tensor([4, 2, 0]), 6
+
+
+def test_subtb_loss_compiles():
+    torch._dynamo.reset()
+    logits, actions, lengths, termination_token = _fixed_logits()
+    rewards = seeded(5, logits.shape[:2]) - 5
+    eager = losses.subtb_loss(logits, actions, rewards, lengths, termination_token)
+    compiled = torch.compile(losses.subtb_loss, fullgraph=True)
+    torch.testing.assert_close(
+        compiled(logits, actions, rewards, lengths, termination_token), eager
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# per-state log-rewards
+
+
+def test_state_log_rewards_by_hand():
+    """Items a b ⊤ (reward 1), a ⊤ (3) and c d ⊤ (4), so Z = 8; tokens a..d = 1..4, ⊤ = 0.
+    A complete title s gets log(R_o(s) / Z); any other state its path probability times e^-15."""
+    trie = Trie.from_sequences([[1, 2, 0], [1, 0], [3, 4, 0]])
+    flows = trie.log_flows(torch.tensor([1.0, 3.0, 4.0], dtype=torch.float64).log())
+    root = torch.zeros(3, 1, dtype=torch.int64)
+    actions = torch.tensor([[1, 2], [3, 4], [3, 0]])
+    path = torch.cat([root, trie.walk(actions, torch.tensor([2, 2, 1])).long()], dim=1)
+    got = losses.state_log_rewards(trie, flows, path, termination_token=0)
+    log, incomplete = math.log, -15.0
+    expected = torch.tensor(
+        [
+            [incomplete, log(3 / 8), log(1 / 8)],  # root; "a" is a title; "a b" is a title
+            [incomplete, log(4 / 8) + incomplete, log(4 / 8)],  # root; "c" is not; "c d" is
+            [incomplete, log(4 / 8) + incomplete, 0.0],  # root; "c"; padding (ignored)
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(got[:, :2], expected[:, :2])
+    torch.testing.assert_close(got[:2, 2], expected[:2, 2])
+
+
+@given(
+    catalog=catalogs(terminated=True),
+    batch=st.integers(0, 6),
+    dtype=DTYPES,
+    per_row_flows=st.booleans(),
+    data=st.data(),
+)
+def test_state_log_rewards(device, catalog, batch, dtype, per_row_flows, data):
+    trie, ref = build(catalog, device)
+    path_nodes, lengths = data.draw(item_paths(catalog, ref, batch))
+    shape = (batch, ref.num_items) if per_row_flows else (ref.num_items,)
+    flows = ref_ops.log_flows(ref, data.draw(log_reward_tensors(shape, dtype)))
+    got = losses.state_log_rewards(
+        trie, flows.to(device), path_nodes.to(device), catalog.termination_token
+    )
+    expected = ref_ops.state_log_rewards(ref, flows, path_nodes, catalog.termination_token)
+    # The package floors zero-reward states (an exact -inf) so that squared residuals stay finite.
+    expected = expected.clamp(min=losses._LOG_REWARD_FLOOR)
+    valid = torch.arange(path_nodes.shape[1]) <= lengths.unsqueeze(1)
+    torch.testing.assert_close(got.cpu()[valid], expected[valid], **TOLERANCE[dtype])
+
+
+def _terminated_sample() -> tuple[Trie, torch.Tensor, int]:
+    """A terminated catalog and the teacher-forced state paths of four of its items."""
+    sequences = [[1, 2, 0], [1, 0], [3, 4, 0], [3, 5, 6, 0], [3, 5, 0]]
+    trie = Trie.from_sequences(sequences)
+    actions = torch.tensor([[1, 2, 0], [3, 5, 6], [1, 0, 0], [3, 0, 0]])
+    root = torch.zeros(4, 1, dtype=torch.int64)
+    path = torch.cat([root, trie.walk(actions, torch.tensor([2, 3, 1, 1])).long()], dim=1)
+    return trie, path, 0
+
+
+@pytest.mark.parametrize("per_row_flows", [False, True])
+@pytest.mark.parametrize("zero_rewards", [False, True], ids=["finite", "with -inf"])
+def test_state_log_rewards_gradcheck(per_row_flows, zero_rewards):
+    trie, path, termination_token = _terminated_sample()
+    rewards = seeded(7, (4, trie.num_items) if per_row_flows else (trie.num_items,))
+    if zero_rewards:
+        rewards[..., [1, 4]] = float("-inf")  # "a" and "c e" get no termination flow
+    flows = trie.log_flows(rewards).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda f: losses.state_log_rewards(trie, f, path, termination_token), (flows,)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# flow matching
+
+
+@given(
+    catalog=catalogs(huge=False),
+    batch=st.integers(0, 6),
+    dtype=DTYPES,
+    logits_dtype=LOGIT_DTYPES,
+    per_row_flows=st.booleans(),
+    data=st.data(),
+)
+def test_flow_matching_loss(device, catalog, batch, dtype, logits_dtype, per_row_flows, data):
+    trie, ref = build(catalog, device)
+    path_nodes, _ = data.draw(item_paths(catalog, ref, batch))
+    shape = (batch, ref.num_items) if per_row_flows else (ref.num_items,)
+    flows = ref_ops.log_flows(ref, data.draw(log_reward_tensors(shape, dtype)))
+    logits = seeded(data.draw(SEEDS), (*path_nodes.shape, SMALL_VOCAB), logits_dtype)
+    logits, flows = requiring_grad(logits, flows)
+    got = losses.flow_matching_loss(
+        logits.to(device), trie, flows.to(device), path_nodes.to(device)
+    )
+    expected = ref_ops.flow_matching_loss(logits, ref, flows, path_nodes)
+    # The loss runs in the logits' working dtype: float32 unless both are float64.
+    tolerance = TOLERANCE[
+        torch.float64 if logits_dtype == dtype == torch.float64 else torch.float32
+    ]
+    torch.testing.assert_close(got.cpu(), expected, **tolerance)
+    got_logits, got_flows = grads(got, [logits, flows])
+    expected_logits, expected_flows = grads(expected, [logits, flows])
+    half = logits_dtype in (torch.float16, torch.bfloat16)
+    logits_tolerance = TOLERANCE[logits_dtype] if half else tolerance
+    torch.testing.assert_close(got_logits.cpu(), expected_logits, **logits_tolerance)
+    # A -inf flow has no derivative; the reference's exp(-inf - -inf) makes it NaN there.
+    finite = torch.isfinite(flows.detach())
+    torch.testing.assert_close(got_flows.cpu()[finite], expected_flows[finite], **tolerance)
+
+
+@pytest.mark.parametrize("per_row_flows", [False, True])
+def test_flow_matching_loss_gradcheck(per_row_flows):
+    trie, path, _ = _terminated_sample()
+    rewards = seeded(8, (4, trie.num_items) if per_row_flows else (trie.num_items,))
+    flows = trie.log_flows(rewards).requires_grad_()
+    logits = seeded(9, (*path.shape, 7)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, f: losses.flow_matching_loss(x, trie, f, path), (logits, flows)
+    )
+
+
+def test_flow_matching_and_state_rewards_compile():
+    torch._dynamo.reset()
+    trie, path, termination_token = _terminated_sample()
+    flows = trie.log_flows(seeded(8, (trie.num_items,)))
+    logits = seeded(9, (*path.shape, 7))
+
+    def both(x, f):
+        return (
+            losses.flow_matching_loss(x, trie, f, path),
+            losses.state_log_rewards(trie, f, path, termination_token),
+        )
+
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(logits, flows), both(logits, flows)):
+        torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT and the combination
+
+
+def test_sft_loss_is_token_mean_cross_entropy():
+    logits = seeded(10, (2, 4, 6))
+    labels = torch.tensor([[-100, 2, 5, -100], [0, 1, -100, -100]])
+    kept = labels != -100
+    log_probs = logits.log_softmax(-1)[kept]
+    expected = -log_probs.gather(1, labels[kept].unsqueeze(1)).mean()
+    torch.testing.assert_close(losses.sft_loss(logits, labels), expected)
+
+
+def test_flower_loss_is_convex_combination():
+    sft, flow = torch.tensor(2.0), torch.tensor(10.0)
+    assert losses.flower_loss(sft, flow, 0.75) == 0.75 * 2.0 + 0.25 * 10.0
+    assert losses.flower_loss(sft, flow, 1.0) == sft
