@@ -6,8 +6,9 @@ allocates every output and workspace, passes the current CUDA stream, and turns 
 the kernels report into exceptions.
 
 A trie enters every op as two arguments: ``trie_data``, one int32 tensor holding the arrays
-``token[N] | parent[N] | child_ptr[N+1] | item_ptr[N+1] | item_list[I]``, and ``level_ptr``, the
-list of depth-level boundaries (``level_ptr[-1] == N``). :class:`flower_ext.Trie` keeps both.
+``token[N] | parent[N] | child_ptr[N+1] | item_ptr[N+1] | item_list[I] | flow_source[N]``, and
+``layout``, the list ``[I, *level_ptr]`` of the item count and the depth-level boundaries
+(``level_ptr[-1] == N``). :class:`flower_ext.Trie` keeps both (``trie.data``, ``trie.layout``).
 """
 
 from __future__ import annotations
@@ -48,24 +49,18 @@ _STATUS_MESSAGES = {
 # shared plumbing
 
 
-def trie_sizes(trie_data: Tensor, level_ptr: list[int]) -> tuple[int, int]:
+def trie_sizes(layout: list[int]) -> tuple[int, int]:
     """(num_nodes, num_items) of a packed trie."""
-    num_nodes = level_ptr[-1]
-    return num_nodes, trie_data.numel() - 4 * num_nodes - 2
+    return layout[-1], layout[0]
 
 
-def _trie_view(trie_data: Tensor, level_ptr: list[int]):
-    num_nodes, num_items = trie_sizes(trie_data, level_ptr)
-    base, size = trie_data.data_ptr(), trie_data.element_size()
-    return _C.make_trie_view(
-        base,
-        base + size * num_nodes,
-        base + size * 2 * num_nodes,
-        base + size * (3 * num_nodes + 1),
-        base + size * (4 * num_nodes + 2),
-        num_nodes,
-        num_items,
-    )
+def _level_ptr(layout: list[int]):
+    return _C.Int32Vector(layout[1:])
+
+
+def _trie_view(trie_data: Tensor, layout: list[int]):
+    num_nodes, num_items = trie_sizes(layout)
+    return _C.make_trie_view(trie_data.data_ptr(), num_nodes, num_items)
 
 
 def _launch(name: str, device: torch.device, *args) -> None:
@@ -123,27 +118,36 @@ def _check_index(op: str, name: str, tensor: Tensor) -> None:
     )
 
 
-def _check_trie(op: str, trie_data: Tensor, level_ptr: list[int]) -> None:
+def _check_trie(op: str, trie_data: Tensor, layout: list[int]) -> None:
     _check(trie_data.dtype == torch.int32 and trie_data.dim() == 1, op, "trie_data must be 1-D int32")
-    _check(len(level_ptr) >= 2 and level_ptr[0] == 0, op, "level_ptr must start at 0")
-    num_nodes, num_items = trie_sizes(trie_data, level_ptr)
-    _check(num_items >= 1, op, "trie_data is too short for level_ptr")
+    _check(
+        len(layout) >= 3 and layout[0] >= 1 and layout[1] == 0 and layout[-1] >= 1,
+        op,
+        "layout must be [num_items, *level_ptr] with level_ptr starting at 0 (Trie.layout)",
+    )
+    num_nodes, num_items = trie_sizes(layout)
+    _check(
+        trie_data.numel() == 5 * num_nodes + 2 + num_items,
+        op,
+        f"trie_data ({trie_data.numel()} entries) does not hold a trie of {num_nodes} nodes and "
+        f"{num_items} items: pass a Trie's data and layout together",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # log_flows
 
 
-def _check_log_flows(trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor) -> None:
+def _check_log_flows(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> None:
     op = "log_flows"
-    _check_trie(op, trie_data, level_ptr)
+    _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, log_rewards=log_rewards)
     _check(
         log_rewards.dtype in _REAL_CODES,
         op,
         f"log_rewards must be float32 or float64, got {log_rewards.dtype}",
     )
-    num_items = trie_sizes(trie_data, level_ptr)[1]
+    num_items = trie_sizes(layout)[1]
     _check(
         log_rewards.dim() in (1, 2) and log_rewards.shape[-1] == num_items,
         op,
@@ -152,37 +156,37 @@ def _check_log_flows(trie_data: Tensor, level_ptr: list[int], log_rewards: Tenso
     )
 
 
-def _flows_shape(trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor) -> tuple[int, ...]:
-    return (*log_rewards.shape[:-1], trie_sizes(trie_data, level_ptr)[0])
+def _flows_shape(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> tuple[int, ...]:
+    return (*log_rewards.shape[:-1], trie_sizes(layout)[0])
 
 
 @torch.library.custom_op("flower_ext::log_flows", mutates_args=(), device_types=("cpu", "cuda"))
-def log_flows(trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor) -> Tensor:
+def log_flows(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> Tensor:
     """Log-flow of every node: ``[I]`` or ``[B, I]`` item log-rewards -> ``[N]`` or ``[B, N]``."""
-    _check_log_flows(trie_data, level_ptr, log_rewards)
+    _check_log_flows(trie_data, layout, log_rewards)
     rewards = log_rewards.contiguous()
-    flows = rewards.new_empty(_flows_shape(trie_data, level_ptr, rewards))
+    flows = rewards.new_empty(_flows_shape(trie_data, layout, rewards))
     status = _new_status(rewards.device)
     batch = rewards.numel() // rewards.shape[-1]
     _launch("log_flows", rewards.device,
-        _trie_view(trie_data, level_ptr), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
-        flows.data_ptr(), batch, _C.Int32Vector(level_ptr), status.data_ptr(),
+        _trie_view(trie_data, layout), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
+        flows.data_ptr(), batch, _level_ptr(layout), status.data_ptr(),
     )
     _raise_on_status("log_flows", status)
     return flows
 
 
 @log_flows.register_fake
-def _(trie_data, level_ptr, log_rewards):
-    _check_log_flows(trie_data, level_ptr, log_rewards)
-    return log_rewards.new_empty(_flows_shape(trie_data, level_ptr, log_rewards))
+def _(trie_data, layout, log_rewards):
+    _check_log_flows(trie_data, layout, log_rewards)
+    return log_rewards.new_empty(_flows_shape(trie_data, layout, log_rewards))
 
 
 @torch.library.custom_op(
     "flower_ext::log_flows_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
 def log_flows_backward(
-    trie_data: Tensor, level_ptr: list[int], log_rewards: Tensor, flows: Tensor, grad_flows: Tensor
+    trie_data: Tensor, layout: list[int], log_rewards: Tensor, flows: Tensor, grad_flows: Tensor
 ) -> Tensor:
     """Gradient of :func:`log_flows` with respect to the log-rewards (a top-down pass)."""
     rewards, flows, grad_flows = (t.contiguous() for t in (log_rewards, flows, grad_flows))
@@ -190,27 +194,27 @@ def log_flows_backward(
     adjoint = torch.empty_like(flows)
     batch = rewards.numel() // rewards.shape[-1]
     _launch("log_flows_backward", rewards.device,
-        _trie_view(trie_data, level_ptr), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
+        _trie_view(trie_data, layout), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
         flows.data_ptr(), grad_flows.data_ptr(), adjoint.data_ptr(), grad_rewards.data_ptr(),
-        batch, _C.Int32Vector(level_ptr),
+        batch, _level_ptr(layout),
     )
     return grad_rewards
 
 
 @log_flows_backward.register_fake
-def _(trie_data, level_ptr, log_rewards, flows, grad_flows):
+def _(trie_data, layout, log_rewards, flows, grad_flows):
     return torch.empty_like(log_rewards)
 
 
 def _log_flows_setup(ctx, inputs, output):
-    trie_data, level_ptr, log_rewards = inputs
-    ctx.level_ptr = level_ptr
+    trie_data, layout, log_rewards = inputs
+    ctx.layout = layout
     ctx.save_for_backward(trie_data, log_rewards, output)
 
 
 def _log_flows_grad(ctx, grad_flows):
     trie_data, log_rewards, flows = ctx.saved_tensors
-    grad = log_flows_backward(trie_data, ctx.level_ptr, log_rewards, flows, grad_flows)
+    grad = log_flows_backward(trie_data, ctx.layout, log_rewards, flows, grad_flows)
     return None, None, grad
 
 
@@ -221,9 +225,9 @@ log_flows.register_autograd(_log_flows_grad, setup_context=_log_flows_setup)
 # walk / advance
 
 
-def _check_walk(trie_data, level_ptr, tokens, lengths) -> None:
+def _check_walk(trie_data, layout, tokens, lengths) -> None:
     op = "walk"
-    _check_trie(op, trie_data, level_ptr)
+    _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, tokens=tokens, lengths=lengths)
     _check_index(op, "tokens", tokens)
     _check(tokens.dim() == 2, op, f"tokens must have shape [batch, length], got {tuple(tokens.shape)}")
@@ -241,16 +245,16 @@ def _check_walk(trie_data, level_ptr, tokens, lengths) -> None:
 
 
 @torch.library.custom_op("flower_ext::walk", mutates_args=(), device_types=("cpu", "cuda"))
-def walk(trie_data: Tensor, level_ptr: list[int], tokens: Tensor, lengths: Tensor | None) -> Tensor:
+def walk(trie_data: Tensor, layout: list[int], tokens: Tensor, lengths: Tensor | None) -> Tensor:
     """Node ids along each token path, ``[B, L]`` int32: ``out[b, t]`` is the node reached after
     ``tokens[b, :t + 1]``; -1 once a token leaves the trie and at positions ``t >= lengths[b]``."""
-    _check_walk(trie_data, level_ptr, tokens, lengths)
+    _check_walk(trie_data, layout, tokens, lengths)
     tokens = tokens.contiguous()
     nodes = torch.empty(tokens.shape, dtype=torch.int32, device=tokens.device)
     row_lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
     status = _new_status(tokens.device)
     _launch("walk", tokens.device,
-        _trie_view(trie_data, level_ptr), tokens.element_size(), tokens.data_ptr(),
+        _trie_view(trie_data, layout), tokens.element_size(), tokens.data_ptr(),
         0 if row_lengths is None else row_lengths.data_ptr(), tokens.shape[0], tokens.shape[1],
         nodes.data_ptr(), status.data_ptr(),
     )
@@ -259,14 +263,14 @@ def walk(trie_data: Tensor, level_ptr: list[int], tokens: Tensor, lengths: Tenso
 
 
 @walk.register_fake
-def _(trie_data, level_ptr, tokens, lengths):
-    _check_walk(trie_data, level_ptr, tokens, lengths)
+def _(trie_data, layout, tokens, lengths):
+    _check_walk(trie_data, layout, tokens, lengths)
     return torch.empty(tokens.shape, dtype=torch.int32, device=tokens.device)
 
 
-def _check_advance(trie_data, level_ptr, node_ids, tokens) -> None:
+def _check_advance(trie_data, layout, node_ids, tokens) -> None:
     op = "advance"
-    _check_trie(op, trie_data, level_ptr)
+    _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, node_ids=node_ids, tokens=tokens)
     _check_index(op, "node_ids", node_ids)
     _check_index(op, "tokens", tokens)
@@ -278,15 +282,15 @@ def _check_advance(trie_data, level_ptr, node_ids, tokens) -> None:
 
 
 @torch.library.custom_op("flower_ext::advance", mutates_args=(), device_types=("cpu", "cuda"))
-def advance(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor, tokens: Tensor) -> Tensor:
+def advance(trie_data: Tensor, layout: list[int], node_ids: Tensor, tokens: Tensor) -> Tensor:
     """The child of each node reached by each token (int32, same shape); -1 where there is none
     or where the node id is already -1."""
-    _check_advance(trie_data, level_ptr, node_ids, tokens)
+    _check_advance(trie_data, layout, node_ids, tokens)
     node_ids, tokens = node_ids.contiguous(), tokens.contiguous()
     next_nodes = torch.empty(node_ids.shape, dtype=torch.int32, device=node_ids.device)
     status = _new_status(node_ids.device)
     _launch("advance", node_ids.device,
-        _trie_view(trie_data, level_ptr), node_ids.element_size(), node_ids.data_ptr(),
+        _trie_view(trie_data, layout), node_ids.element_size(), node_ids.data_ptr(),
         tokens.element_size(), tokens.data_ptr(), node_ids.numel(), next_nodes.data_ptr(),
         status.data_ptr(),
     )
@@ -295,8 +299,8 @@ def advance(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor, tokens: T
 
 
 @advance.register_fake
-def _(trie_data, level_ptr, node_ids, tokens):
-    _check_advance(trie_data, level_ptr, node_ids, tokens)
+def _(trie_data, layout, node_ids, tokens):
+    _check_advance(trie_data, layout, node_ids, tokens)
     return torch.empty(node_ids.shape, dtype=torch.int32, device=node_ids.device)
 
 
@@ -309,33 +313,33 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def _check_node_rows(op, trie_data, level_ptr, node_ids) -> None:
-    _check_trie(op, trie_data, level_ptr)
+def _check_node_rows(op, trie_data, layout, node_ids) -> None:
+    _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, node_ids=node_ids)
     _check_index(op, "node_ids", node_ids)
     _check(node_ids.dim() == 1, op, f"node_ids must be 1-D, got shape {tuple(node_ids.shape)}")
 
 
-def _check_token_bitmask(trie_data, level_ptr, node_ids, vocab_size) -> None:
-    _check_node_rows("token_bitmask", trie_data, level_ptr, node_ids)
+def _check_token_bitmask(trie_data, layout, node_ids, vocab_size) -> None:
+    _check_node_rows("token_bitmask", trie_data, layout, node_ids)
     _check(vocab_size > 0, "token_bitmask", f"vocab_size must be positive, got {vocab_size}")
 
 
 @torch.library.custom_op("flower_ext::token_bitmask", mutates_args=(), device_types=("cpu", "cuda"))
-def token_bitmask(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor, vocab_size: int) -> Tensor:
+def token_bitmask(trie_data: Tensor, layout: list[int], node_ids: Tensor, vocab_size: int) -> Tensor:
     """Allowed-token bitmask ``[B, ceil(V / 32)]`` int32 in the xgrammar / vLLM layout: bit j of
     word w is token 32 w + j, set when that token is a child of the row's node. Rows whose node
     id is -1 allow nothing."""
-    _check_token_bitmask(trie_data, level_ptr, node_ids, vocab_size)
-    return _token_bitmask(trie_data, level_ptr, node_ids.contiguous(), vocab_size)
+    _check_token_bitmask(trie_data, layout, node_ids, vocab_size)
+    return _token_bitmask(trie_data, layout, node_ids.contiguous(), vocab_size)
 
 
-def _token_bitmask(trie_data, level_ptr, node_ids, vocab_size, op="token_bitmask") -> Tensor:
+def _token_bitmask(trie_data, layout, node_ids, vocab_size, op="token_bitmask") -> Tensor:
     words = bitmask_words(vocab_size)
     bitmask = torch.empty((node_ids.shape[0], words), dtype=torch.int32, device=node_ids.device)
     status = _new_status(node_ids.device)
     _launch("token_bitmask", node_ids.device,
-        _trie_view(trie_data, level_ptr), node_ids.element_size(), node_ids.data_ptr(),
+        _trie_view(trie_data, layout), node_ids.element_size(), node_ids.data_ptr(),
         node_ids.shape[0], vocab_size, bitmask.data_ptr(), status.data_ptr(),
     )
     _raise_on_status(op, status)
@@ -343,8 +347,8 @@ def _token_bitmask(trie_data, level_ptr, node_ids, vocab_size, op="token_bitmask
 
 
 @token_bitmask.register_fake
-def _(trie_data, level_ptr, node_ids, vocab_size):
-    _check_token_bitmask(trie_data, level_ptr, node_ids, vocab_size)
+def _(trie_data, layout, node_ids, vocab_size):
+    _check_token_bitmask(trie_data, layout, node_ids, vocab_size)
     return node_ids.new_empty((node_ids.shape[0], bitmask_words(vocab_size)), dtype=torch.int32)
 
 
@@ -412,9 +416,9 @@ def _(logits, bitmask):
     _check_apply(logits, bitmask)
 
 
-def _check_mask_logits(trie_data, level_ptr, logits, node_ids) -> None:
+def _check_mask_logits(trie_data, layout, logits, node_ids) -> None:
     op = "mask_logits_"
-    _check_node_rows(op, trie_data, level_ptr, node_ids)
+    _check_node_rows(op, trie_data, layout, node_ids)
     _check_device(op, trie_data, logits=logits)
     _check_logits(op, logits, node_ids.shape[0])
 
@@ -422,18 +426,18 @@ def _check_mask_logits(trie_data, level_ptr, logits, node_ids) -> None:
 @torch.library.custom_op(
     "flower_ext::mask_logits_", mutates_args=("logits",), device_types=("cpu", "cuda")
 )
-def mask_logits_(trie_data: Tensor, level_ptr: list[int], logits: Tensor, node_ids: Tensor) -> None:
+def mask_logits_(trie_data: Tensor, layout: list[int], logits: Tensor, node_ids: Tensor) -> None:
     """Sets every logit that is not a child token of the row's node to -inf, in place."""
-    _check_mask_logits(trie_data, level_ptr, logits, node_ids)
+    _check_mask_logits(trie_data, layout, logits, node_ids)
     bitmask = _token_bitmask(
-        trie_data, level_ptr, node_ids.contiguous(), logits.shape[1], op="mask_logits_"
+        trie_data, layout, node_ids.contiguous(), logits.shape[1], op="mask_logits_"
     )
     _apply_token_bitmask(logits, bitmask)
 
 
 @mask_logits_.register_fake
-def _(trie_data, level_ptr, logits, node_ids):
-    _check_mask_logits(trie_data, level_ptr, logits, node_ids)
+def _(trie_data, layout, logits, node_ids):
+    _check_mask_logits(trie_data, layout, logits, node_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,14 +445,14 @@ def _(trie_data, level_ptr, logits, node_ids):
 
 
 @torch.library.custom_op("flower_ext::children", mutates_args=(), device_types=("cpu", "cuda"))
-def children(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def children(trie_data: Tensor, layout: list[int], node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Children of each node as CSR: ``(row_ptr [M + 1] int64, child_tokens [K] int32,
     child_nodes [K] int32)``; row m's children are entries ``row_ptr[m] .. row_ptr[m + 1] - 1``,
     sorted by token. Node id -1 has no children."""
-    _check_node_rows("children", trie_data, level_ptr, node_ids)
+    _check_node_rows("children", trie_data, layout, node_ids)
     node_ids = node_ids.contiguous()
     device, count = node_ids.device, node_ids.shape[0]
-    view = _trie_view(trie_data, level_ptr)
+    view = _trie_view(trie_data, layout)
     counts = torch.empty(count, dtype=torch.int64, device=device)
     status = _new_status(device)
     _launch("child_counts", device,
@@ -469,8 +473,8 @@ def children(trie_data: Tensor, level_ptr: list[int], node_ids: Tensor) -> tuple
 
 
 @children.register_fake
-def _(trie_data, level_ptr, node_ids):
-    _check_node_rows("children", trie_data, level_ptr, node_ids)
+def _(trie_data, layout, node_ids):
+    _check_node_rows("children", trie_data, layout, node_ids)
     total = torch.library.get_ctx().new_dynamic_size()
     row_ptr = node_ids.new_empty(node_ids.shape[0] + 1, dtype=torch.int64)
     return row_ptr, node_ids.new_empty(total, dtype=torch.int32), node_ids.new_empty(total, dtype=torch.int32)
@@ -480,12 +484,12 @@ def _(trie_data, level_ptr, node_ids):
 # target transition log-probabilities
 
 
-def _check_transitions(trie_data, level_ptr, log_flows, path_nodes, termination_token) -> None:
+def _check_transitions(trie_data, layout, log_flows, path_nodes, termination_token) -> None:
     op = "transition_log_probs"
-    _check_trie(op, trie_data, level_ptr)
+    _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, log_flows=log_flows, path_nodes=path_nodes)
     _check_index(op, "path_nodes", path_nodes)
-    num_nodes = trie_sizes(trie_data, level_ptr)[0]
+    num_nodes = trie_sizes(layout)[0]
     _check(
         log_flows.dtype in _REAL_CODES,
         op,
@@ -520,7 +524,7 @@ def _transition_shapes(path_nodes: Tensor) -> tuple[tuple[int, int], tuple[int, 
 )
 def transition_log_probs(
     trie_data: Tensor,
-    level_ptr: list[int],
+    layout: list[int],
     log_flows: Tensor,
     path_nodes: Tensor,
     termination_token: int,
@@ -529,14 +533,14 @@ def transition_log_probs(
     ``step [B, T]`` = log F(s_{t+1}) - log F(s_t) and ``termination [B, T+1]`` =
     log F(s_t + termination_token) - log F(s_t), -inf where s_t has no such child. Padding
     (node id -1) gives 0; a zero-flow state gives -inf."""
-    _check_transitions(trie_data, level_ptr, log_flows, path_nodes, termination_token)
+    _check_transitions(trie_data, layout, log_flows, path_nodes, termination_token)
     flows, path_nodes = log_flows.contiguous(), path_nodes.contiguous()
     step_shape, termination_shape = _transition_shapes(path_nodes)
     step = flows.new_empty(step_shape)
     termination = flows.new_empty(termination_shape)
     status = _new_status(flows.device)
     _launch("transition_log_probs", flows.device,
-        _trie_view(trie_data, level_ptr), _REAL_CODES[flows.dtype], flows.data_ptr(),
+        _trie_view(trie_data, layout), _REAL_CODES[flows.dtype], flows.data_ptr(),
         0 if flows.dim() == 1 else flows.shape[1], path_nodes.shape[0], path_nodes.element_size(),
         path_nodes.data_ptr(), path_nodes.shape[1], termination_token, step.data_ptr(),
         termination.data_ptr(), status.data_ptr(),
@@ -546,15 +550,15 @@ def transition_log_probs(
 
 
 @transition_log_probs.register_fake
-def _(trie_data, level_ptr, log_flows, path_nodes, termination_token):
-    _check_transitions(trie_data, level_ptr, log_flows, path_nodes, termination_token)
+def _(trie_data, layout, log_flows, path_nodes, termination_token):
+    _check_transitions(trie_data, layout, log_flows, path_nodes, termination_token)
     step_shape, termination_shape = _transition_shapes(path_nodes)
     return log_flows.new_empty(step_shape), log_flows.new_empty(termination_shape)
 
 
 def _transition_setup(ctx, inputs, output):
-    trie_data, level_ptr, log_flows, path_nodes, termination_token = inputs
-    ctx.level_ptr, ctx.termination_token = level_ptr, termination_token
+    trie_data, layout, log_flows, path_nodes, termination_token = inputs
+    ctx.layout, ctx.termination_token = layout, termination_token
     ctx.flows_shape = log_flows.shape
     ctx.save_for_backward(trie_data, path_nodes, *output)
 
@@ -565,7 +569,7 @@ def _transition_grad(ctx, grad_step, grad_termination):
     path = path_nodes.long()
     batch = path.shape[0]
     end_nodes = advance(
-        trie_data, ctx.level_ptr, path_nodes, torch.full_like(path_nodes, ctx.termination_token)
+        trie_data, ctx.layout, path_nodes, torch.full_like(path_nodes, ctx.termination_token)
     ).long()
     rows = torch.arange(batch, device=path.device).unsqueeze(1).expand_as(path)
     grad = torch.zeros((batch, ctx.flows_shape[-1]), dtype=step.dtype, device=step.device)

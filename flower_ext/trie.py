@@ -52,16 +52,17 @@ class Trie:
 
     Nodes are in BFS order (each depth level is a contiguous id range, the root is node 0) and
     the children of a node are contiguous and sorted by token. All arrays live in one int32
-    tensor :attr:`data` (``token | parent | child_ptr | item_ptr | item_list``) beside the level
-    boundaries :attr:`level_ptr`; that pair is what the ops in :mod:`flower_ext.ops` take.
+    tensor :attr:`data` (``token | parent | child_ptr | item_ptr | item_list | flow_source``)
+    beside the host list :attr:`layout` (``[num_items, *level_ptr]``); that pair is what the ops
+    in :mod:`flower_ext.ops` take.
 
     Build one with :meth:`from_sequences`; move it with :meth:`to`; persist it with :meth:`save`
     and :meth:`load`.
     """
 
-    def __init__(self, data: Tensor, level_ptr: Sequence[int], max_token: int):
+    def __init__(self, data: Tensor, layout: Sequence[int], max_token: int):
         self.data = data
-        self.level_ptr = [int(x) for x in level_ptr]
+        self.layout = [int(x) for x in layout]
         self.max_token = int(max_token)
 
     # -- construction ---------------------------------------------------------------------
@@ -122,17 +123,23 @@ class Trie:
         data = torch.from_numpy(np.asarray(packed.data))
         if device is not None:
             data = data.to(device)
-        return cls(data, list(packed.level_ptr), packed.max_token)
+        num_items = data.numel() - 5 * packed.level_ptr[-1] - 2
+        return cls(data, [num_items, *packed.level_ptr], packed.max_token)
 
     # -- sizes and arrays -----------------------------------------------------------------
 
     @property
     def num_nodes(self) -> int:
-        return self.level_ptr[-1]
+        return self.layout[-1]
 
     @property
     def num_items(self) -> int:
-        return ops.trie_sizes(self.data, self.level_ptr)[1]
+        return self.layout[0]
+
+    @property
+    def level_ptr(self) -> list[int]:
+        """Depth-level boundaries: the nodes of depth d are ``level_ptr[d] .. level_ptr[d+1] - 1``."""
+        return self.layout[1:]
 
     @property
     def depth(self) -> int:
@@ -192,7 +199,7 @@ class Trie:
         """This trie on another device (self when already there)."""
         if torch.device(device) == self.device:
             return self
-        return Trie(self.data.to(device), self.level_ptr, self.max_token)
+        return Trie(self.data.to(device), self.layout, self.max_token)
 
     def __repr__(self) -> str:
         return (
@@ -263,32 +270,32 @@ class Trie:
 
         F(node) = logsumexp of the rewards of the items in its subtree; -inf rewards are zero
         rewards and an empty subtree has flow -inf. Differentiable with respect to the rewards."""
-        return ops.log_flows(self.data, self.level_ptr, log_rewards)
+        return ops.log_flows(self.data, self.layout, log_rewards)
 
     def walk(self, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Node ids along each token path, ``[B, L]`` int32 (``[L]`` for a 1-D input); -1 after
         a token leaves the trie and at positions at or past ``lengths``."""
         if tokens.dim() == 1:
-            return ops.walk(self.data, self.level_ptr, tokens.unsqueeze(0), lengths)[0]
-        return ops.walk(self.data, self.level_ptr, tokens, lengths)
+            return ops.walk(self.data, self.layout, tokens.unsqueeze(0), lengths)[0]
+        return ops.walk(self.data, self.layout, tokens, lengths)
 
     def advance(self, node_ids: Tensor, tokens: Tensor) -> Tensor:
         """The child of each node reached by each token; -1 where there is none."""
-        return ops.advance(self.data, self.level_ptr, node_ids, tokens)
+        return ops.advance(self.data, self.layout, node_ids, tokens)
 
     def token_bitmask(self, node_ids: Tensor, vocab_size: int) -> Tensor:
         """``[B, ceil(V / 32)]`` int32 allowed-token bitmask in the xgrammar / vLLM layout."""
-        return ops.token_bitmask(self.data, self.level_ptr, node_ids, vocab_size)
+        return ops.token_bitmask(self.data, self.layout, node_ids, vocab_size)
 
     def mask_logits_(self, logits: Tensor, node_ids: Tensor) -> Tensor:
         """Sets, in place, every logit that is not a child of the row's node to -inf; returns
         ``logits``."""
-        ops.mask_logits_(self.data, self.level_ptr, logits, node_ids)
+        ops.mask_logits_(self.data, self.layout, logits, node_ids)
         return logits
 
     def children(self, node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """CSR ``(row_ptr, child_tokens, child_nodes)`` of the children of each node."""
-        return ops.children(self.data, self.level_ptr, node_ids)
+        return ops.children(self.data, self.layout, node_ids)
 
     def transition_log_probs(
         self, log_flows: Tensor, path_nodes: Tensor, termination_token: int
@@ -296,5 +303,5 @@ class Trie:
         """Per step log F(s_{t+1}) / F(s_t) and per state the termination log-probability
         log F(s_t + termination_token) / F(s_t) along the paths ``path_nodes [B, T+1]``."""
         return ops.transition_log_probs(
-            self.data, self.level_ptr, log_flows, path_nodes, termination_token
+            self.data, self.layout, log_flows, path_nodes, termination_token
         )

@@ -114,21 +114,23 @@ def test_log_flows_rejects_other_device(cpu_trie, other):
 
 
 @pytest.mark.parametrize(
-    "data, level_ptr, problem",
+    "data, layout, problem",
     [
         (lambda t: t.data.long(), None, "trie_data must be 1-D int32"),
         (lambda t: t.data.reshape(1, -1), None, "trie_data must be 1-D int32"),
-        (None, [], "level_ptr must start at 0"),
-        (None, [1, 7], "level_ptr must start at 0"),
-        (None, [0, 1, 100], "trie_data is too short for level_ptr"),
+        (None, lambda t: [], r"layout must be \[num_items, \*level_ptr\]"),
+        (None, lambda t: t.level_ptr, r"layout must be \[num_items, \*level_ptr\]"),
+        (None, lambda t: [t.num_items + 1, *t.level_ptr], "does not hold a trie of"),
+        (None, lambda t: [t.num_items, 0, 1, 100], "does not hold a trie of"),
+        (lambda t: t.data[:-1], None, "does not hold a trie of"),
     ],
 )
-def test_ops_reject_malformed_packed_trie(cpu_trie, data, level_ptr, problem):
+def test_ops_reject_malformed_packed_trie(cpu_trie, data, layout, problem):
+    """The raw ops check that trie_data and layout belong together: a mismatch must not let
+    the kernels read outside the buffer."""
     packed = cpu_trie.data if data is None else data(cpu_trie)
     with rejects("log_flows", problem):
-        ops.log_flows(
-            packed, cpu_trie.level_ptr if level_ptr is None else level_ptr, torch.zeros(4)
-        )
+        ops.log_flows(packed, cpu_trie.layout if layout is None else layout(cpu_trie), torch.zeros(4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_walk_rejects(trie, tokens, lengths, problem):
     with rejects("walk", problem):
         ops.walk(
             trie.data,
-            trie.level_ptr,
+            trie.layout,
             tokens.to(trie.device),
             None if lengths is None else lengths.to(trie.device),
         )

@@ -318,45 +318,45 @@ def test_strided_inputs(sample):
 
 def opcheck_cases(trie: Trie) -> dict[str, tuple]:
     """One (op, args) per custom op, on the sample trie."""
-    data, levels, device = trie.data, trie.level_ptr, trie.device
+    data, layout, device = trie.data, trie.layout, trie.device
     nodes = torch.tensor([0, 1, 3, -1, 8], dtype=torch.int32, device=device)
     rewards = sample_rewards(trie, batch=2, requires_grad=True)
     flows = trie.log_flows(rewards.detach())
     logits = seeded(1, (5, 40), torch.float32).to(device)
     return {
-        "log_flows": (ops.log_flows, (data, levels, rewards)),
-        "log_flows 1-D": (ops.log_flows, (data, levels, rewards[0].detach().requires_grad_())),
+        "log_flows": (ops.log_flows, (data, layout, rewards)),
+        "log_flows 1-D": (ops.log_flows, (data, layout, rewards[0].detach().requires_grad_())),
         "log_flows_backward": (
             ops.log_flows_backward,
-            (data, levels, rewards.detach(), flows, torch.ones_like(flows)),
+            (data, layout, rewards.detach(), flows, torch.ones_like(flows)),
         ),
         "walk": (
             ops.walk,
-            (data, levels, torch.tensor([[1, 2, 0], [3, 9, 4]], device=device), None),
+            (data, layout, torch.tensor([[1, 2, 0], [3, 9, 4]], device=device), None),
         ),
         "walk with lengths": (
             ops.walk,
             (
                 data,
-                levels,
+                layout,
                 torch.tensor([[1, 2, 0], [3, 4, 5]], device=device),
                 torch.tensor([3, 1], device=device),
             ),
         ),
         "advance": (
             ops.advance,
-            (data, levels, nodes, torch.tensor([1, 2, 0, 4, 5], device=device)),
+            (data, layout, nodes, torch.tensor([1, 2, 0, 4, 5], device=device)),
         ),
-        "token_bitmask": (ops.token_bitmask, (data, levels, nodes, 40)),
+        "token_bitmask": (ops.token_bitmask, (data, layout, nodes, 40)),
         "apply_token_bitmask_": (
             ops.apply_token_bitmask_,
             (logits, trie.token_bitmask(nodes, 40)),
         ),
-        "mask_logits_": (ops.mask_logits_, (data, levels, logits.clone(), nodes)),
-        "children": (ops.children, (data, levels, nodes)),
+        "mask_logits_": (ops.mask_logits_, (data, layout, logits.clone(), nodes)),
+        "children": (ops.children, (data, layout, nodes)),
         "transition_log_probs": (
             ops.transition_log_probs,
-            (data, levels, flows.clone().requires_grad_(), sample_paths(trie)[:2], TERMINATION),
+            (data, layout, flows.clone().requires_grad_(), sample_paths(trie)[:2], TERMINATION),
         ),
     }
 

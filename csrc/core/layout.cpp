@@ -77,7 +77,7 @@ PackedTrie pack_trie(Address parent_address, Address token_address, int64_t node
   const int32_t* token = at<const int32_t>(token_address);
   const int32_t* item_node = at<const int32_t>(item_node_address);
   if (node_count <= 0) fail("a trie needs at least the root node");
-  if (node_count > INT32_MAX / 4 || item_count > INT32_MAX / 2) {
+  if (node_count > INT32_MAX / 6 || item_count > INT32_MAX / 2) {
     fail("the trie is too large: its arrays are indexed with int32");
   }
   if (parent[0] != -1 || token[0] != -1) fail("node 0 must be the root (parent -1, token -1)");
@@ -86,12 +86,13 @@ PackedTrie pack_trie(Address parent_address, Address token_address, int64_t node
   const size_t num_items = static_cast<size_t>(item_count);
 
   PackedTrie packed;
-  packed.data.resize(4 * num_nodes + 2 + num_items);
+  packed.data.resize(5 * num_nodes + 2 + num_items);
   int32_t* out_token = packed.data.data();
   int32_t* out_parent = out_token + num_nodes;
   int32_t* child_ptr = out_parent + num_nodes;
   int32_t* item_ptr = child_ptr + num_nodes + 1;
   int32_t* item_list = item_ptr + num_nodes + 1;
+  int32_t* flow_source = item_list + num_items;
   std::copy(token, token + num_nodes, out_token);
   std::copy(parent, parent + num_nodes, out_parent);
 
@@ -137,6 +138,12 @@ PackedTrie pack_trie(Address parent_address, Address token_address, int64_t node
       fail("node " + std::to_string(n) + " is a leaf where no item ends");
     }
   }
+  // A node on a unary chain (one child, no item ending there) has the flow of its child, so
+  // every node takes its flow from the first node below it that is not unary.
+  for (size_t n = num_nodes; n-- > 0;) {
+    const bool unary = child_ptr[n + 1] - child_ptr[n] == 1 && item_ptr[n + 1] == item_ptr[n];
+    flow_source[n] = unary ? flow_source[child_ptr[n]] : static_cast<int32_t>(n);
+  }
   return packed;
 }
 
@@ -146,7 +153,7 @@ PackedTrie build_trie(Address token_address, int64_t num_tokens, Address offset_
   const int64_t* offsets = at<const int64_t>(offset_address);
   const int64_t* item_ids = at<const int64_t>(item_id_address);
   if (num_sequences <= 0) fail("the catalog is empty: at least one sequence is needed");
-  if (num_sequences > INT32_MAX / 2 || num_tokens >= INT32_MAX / 4) {
+  if (num_sequences > INT32_MAX / 2 || num_tokens >= INT32_MAX / 6) {
     fail("the catalog is too large: the trie's arrays are indexed with int32");
   }
   check_offsets(offsets, num_sequences, num_tokens);

@@ -10,6 +10,8 @@ namespace flower::cpu {
 namespace {
 
 constexpr int64_t kGrain = int64_t{1} << 15;  // element operations worth a thread
+// Rows that sweep the trie together in the first log_flows pass.
+constexpr int64_t kRowBlock = 16;
 
 int64_t rows_per_thread(int64_t work_per_row) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(work_per_row, 1));
@@ -20,7 +22,8 @@ void raise_status(Address status, int32_t flags) { *at<int32_t>(status) |= flags
 }  // namespace
 
 // On one thread, visiting node ids from high to low is bottom-up (children have larger ids), so
-// the CPU needs no level boundaries.
+// the CPU needs no level boundaries. The first pass runs node by node over a block of rows, so
+// that the trie arrays are read once per block; the chain copies then stream row by row.
 void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
                int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address status,
                Address exec) {
@@ -32,10 +35,17 @@ void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address 
     raise_status(status, parallel_for(batch, exec, rows_per_thread(nodes + items),
                                       [&](int64_t begin, int64_t end) {
       int32_t flags = kOk;
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t block = begin; block < end; block += kRowBlock) {
+        const int64_t block_end = std::min(end, block + kRowBlock);
         for (int32_t n = trie.num_nodes - 1; n >= 0; --n) {
-          flags |= log_flow_node(trie, rewards + b * items, out + b * nodes, n);
+          if (trie.flow_source[n] != n) continue;
+          for (int64_t b = block; b < block_end; ++b) {
+            flags |= log_flow_node(trie, rewards + b * items, out + b * nodes, n);
+          }
         }
+      }
+      for (int64_t b = begin; b < end; ++b) {
+        for (int32_t n = 0; n < trie.num_nodes; ++n) copy_chain_flow(trie, out + b * nodes, n);
       }
       return flags;
     }));
@@ -133,7 +143,7 @@ void apply_token_bitmask(int32_t element_bytes, uint64_t negative_infinity_bits,
       for (int64_t b = begin; b < end; ++b) {
         Bits* row = at<Bits>(logits) + b * row_stride;
         const uint32_t* mask_row = at<const uint32_t>(bitmask) + b * words;
-        for (int64_t v = 0; v < vocab_size; ++v) apply_bitmask_element(row, mask_row, v, fill);
+        for (int64_t w = 0; w < words; ++w) apply_bitmask_word(row, mask_row, w, vocab_size, fill);
       }
       return int32_t{kOk};
     });
