@@ -6,7 +6,7 @@ allocates every output and workspace, passes the current CUDA stream, and turns 
 the kernels report into exceptions.
 
 A trie enters every op as two arguments: ``trie_data``, one int32 tensor holding the arrays
-``token[N] | parent[N] | child_ptr[N+1] | item_ptr[N+1] | item_list[I] | flow_source[N]``, and
+``token[N] | parent[N] | child_ptr[N+1] | item_ptr[N+1] | item_list[I]``, and
 ``layout``, the list ``[I, *level_ptr]`` of the item count and the depth-level boundaries
 (``level_ptr[-1] == N``). :class:`flower_ext.Trie` keeps both (``trie.data``, ``trie.layout``).
 """
@@ -127,7 +127,7 @@ def _check_trie(op: str, trie_data: Tensor, layout: list[int]) -> None:
     )
     num_nodes, num_items = trie_sizes(layout)
     _check(
-        trie_data.numel() == 5 * num_nodes + 2 + num_items,
+        trie_data.numel() == 4 * num_nodes + 2 + num_items,
         op,
         f"trie_data ({trie_data.numel()} entries) does not hold a trie of {num_nodes} nodes and "
         f"{num_items} items: pass a Trie's data and layout together",

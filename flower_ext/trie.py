@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import operator
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -38,13 +37,16 @@ def _flatten(sequences: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    # operator.index admits integers only: np.fromiter alone would truncate 1.7 to token 1.
-    tokens = map(operator.index, itertools.chain.from_iterable(sequences))
-    try:
-        flat = np.fromiter(tokens, dtype=np.int64, count=int(offsets[-1]))
-    except (OverflowError, TypeError, ValueError) as error:
-        raise ValueError(f"sequences must hold integer token ids within int64: {error}") from None
-    return flat, offsets
+    # numpy infers the dtype from the values: any float, bool or beyond-int64 entry makes the
+    # array non-integer, which is rejected rather than truncated to a token id.
+    flat = np.array(list(itertools.chain.from_iterable(sequences)))
+    if flat.size == 0:
+        return flat.astype(np.int64), offsets
+    if flat.dtype.kind not in "iu" or flat.dtype == np.uint64:
+        raise ValueError(
+            f"sequences must hold integer token ids within int64, got values of type {flat.dtype}"
+        )
+    return flat.astype(np.int64, copy=False), offsets
 
 
 class Trie:
@@ -52,7 +54,7 @@ class Trie:
 
     Nodes are in BFS order (each depth level is a contiguous id range, the root is node 0) and
     the children of a node are contiguous and sorted by token. All arrays live in one int32
-    tensor :attr:`data` (``token | parent | child_ptr | item_ptr | item_list | flow_source``)
+    tensor :attr:`data` (``token | parent | child_ptr | item_ptr | item_list``)
     beside the host list :attr:`layout` (``[num_items, *level_ptr]``); that pair is what the ops
     in :mod:`flower_ext.ops` take.
 
@@ -123,7 +125,7 @@ class Trie:
         data = torch.from_numpy(np.asarray(packed.data))
         if device is not None:
             data = data.to(device)
-        num_items = data.numel() - 5 * packed.level_ptr[-1] - 2
+        num_items = data.numel() - 4 * packed.level_ptr[-1] - 2
         return cls(data, [num_items, *packed.level_ptr], packed.max_token)
 
     # -- sizes and arrays -----------------------------------------------------------------

@@ -38,16 +38,13 @@ enum class Real : int32_t { kFloat32 = 0, kFloat64 = 1 };
 
 // The trie arrays (int32), laid out in BFS order so that the children of a node are a contiguous
 // range of node ids sorted by token: children of n are child_ptr[n] .. child_ptr[n + 1] - 1.
-// Items that end at n are item_list[item_ptr[n] .. item_ptr[n + 1] - 1]. A node on a unary
-// chain (one child, no item) has the flow of flow_source[n], the first node below it that is not
-// unary (flow_source[n] == n for all other nodes).
+// Items that end at n are item_list[item_ptr[n] .. item_ptr[n + 1] - 1].
 struct TrieView {
   const int32_t* token;        // [N] incoming token of each node; -1 at the root
   const int32_t* parent;       // [N] parent node; -1 at the root
   const int32_t* child_ptr;    // [N + 1]
   const int32_t* item_ptr;     // [N + 1]
   const int32_t* item_list;    // [I]
-  const int32_t* flow_source;  // [N]
   int32_t num_nodes;
   int32_t num_items;
 };
@@ -59,8 +56,7 @@ inline TrieView make_trie_view(Address data, int32_t num_nodes, int32_t num_item
   const int32_t* child_ptr = parent + num_nodes;
   const int32_t* item_ptr = child_ptr + num_nodes + 1;
   const int32_t* item_list = item_ptr + num_nodes + 1;
-  const int32_t* flow_source = item_list + num_items;
-  return TrieView{token, parent, child_ptr, item_ptr, item_list, flow_source, num_nodes, num_items};
+  return TrieView{token, parent, child_ptr, item_ptr, item_list, num_nodes, num_items};
 }
 
 }  // namespace flower

@@ -29,6 +29,15 @@ FLOWER_HD void atomic_or(uint32_t* word, uint32_t bits) {
 #endif
 }
 
+// Index of the lowest set bit of a non-zero word.
+FLOWER_HD int lowest_bit(uint32_t word) {
+#if defined(__CUDA_ARCH__)
+  return __ffs(static_cast<int>(word)) - 1;
+#else
+  return __builtin_ctz(word);
+#endif
+}
+
 FLOWER_HD void report(int32_t* status, int32_t flags) {
   if (flags == kOk) return;
 #if defined(__CUDA_ARCH__)
@@ -65,18 +74,24 @@ FLOWER_HD int32_t find_child(const TrieView& trie, int32_t node, int64_t token) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// log_flows: F(n) = logsumexp over the items ending at n and the children of n. Two passes:
-// log_flow_node computes the nodes that are not on unary chains (children have larger ids than
-// their parent, so visiting ids from high to low, or levels from the deepest, is bottom-up),
-// then copy_chain_flow gives every node the flow of its flow_source. In a catalog trie most nodes
-// are unary (over 90% in real and synthetic catalogs), and they cost one copy instead of a
-// logsumexp.
+// log_flows: F(n) = logsumexp over the items ending at n and the children of n. Children have
+// larger ids than their parent, so any order that visits ids from high to low is bottom-up.
 
 template <typename T>
 FLOWER_HD int32_t log_flow_node(const TrieView& trie, const T* log_rewards, T* flows, int32_t n) {
-  if (trie.flow_source[n] != n) return kOk;  // unary: filled in by copy_chain_flow
   const int32_t items_begin = trie.item_ptr[n], items_end = trie.item_ptr[n + 1];
   const int32_t children_begin = trie.child_ptr[n], children_end = trie.child_ptr[n + 1];
+  // Most nodes of a catalog trie have a single term (unary chains, leaves of one item): their
+  // flow is that term, bit for bit, with no exp/log to pay.
+  if (items_end - items_begin + children_end - children_begin == 1) {
+    if (items_begin == items_end) {
+      flows[n] = flows[children_begin];
+      return kOk;
+    }
+    const T value = log_rewards[trie.item_list[items_begin]];
+    flows[n] = value;
+    return value < static_cast<T>(INFINITY) ? kOk : kRewardNotFinite;
+  }
   int32_t status = kOk;
   T peak = negative_infinity<T>();
   for (int32_t k = items_begin; k < items_end; ++k) {
@@ -88,14 +103,9 @@ FLOWER_HD int32_t log_flow_node(const TrieView& trie, const T* log_rewards, T* f
     }
   }
   for (int32_t c = children_begin; c < children_end; ++c) {
-    const T child = flows[trie.flow_source[c]];
-    if (child > peak) peak = child;
+    if (flows[c] > peak) peak = flows[c];
   }
   if (peak == negative_infinity<T>()) {  // an empty subtree: every reward below is -inf
-    flows[n] = peak;
-    return status;
-  }
-  if (items_end - items_begin + children_end - children_begin == 1) {  // exact: no exp/log
     flows[n] = peak;
     return status;
   }
@@ -104,16 +114,9 @@ FLOWER_HD int32_t log_flow_node(const TrieView& trie, const T* log_rewards, T* f
     const T value = log_rewards[trie.item_list[k]];
     if (value < static_cast<T>(INFINITY)) total += exp_of(value - peak);
   }
-  for (int32_t c = children_begin; c < children_end; ++c) {
-    total += exp_of(flows[trie.flow_source[c]] - peak);
-  }
+  for (int32_t c = children_begin; c < children_end; ++c) total += exp_of(flows[c] - peak);
   flows[n] = peak + log_of(total);
   return status;
-}
-
-template <typename T>
-FLOWER_HD void copy_chain_flow(const TrieView& trie, T* flows, int32_t n) {
-  flows[n] = flows[trie.flow_source[n]];
 }
 
 // Backward of log_flows, top-down. With g = dL/dF, the adjoint of an item reward is
@@ -207,19 +210,24 @@ FLOWER_HD void apply_bitmask_element(Bits* logits_row, const uint32_t* mask_row,
   if (((mask_row[v >> 5] >> (v & 31)) & 1u) == 0u) logits_row[v] = negative_infinity_bits;
 }
 
-// The logits of one bitmask word. A trie row allows few tokens, so nearly every word is 0 and
-// becomes a plain fill that the compiler vectorises.
+// The logits of one bitmask word: keep the allowed ones, fill all 32 with -inf, put the kept
+// ones back. Branch-free in the common cases (no bit set, or a root row with many set), so the
+// fill vectorises; each allowed logit ends where apply_bitmask_element would leave it.
 template <typename Bits>
 FLOWER_HD void apply_bitmask_word(Bits* logits_row, const uint32_t* mask_row, int64_t w,
                                   int64_t vocab_size, Bits negative_infinity_bits) {
   const int64_t begin = w * 32;
-  const int64_t end = begin + 32 < vocab_size ? begin + 32 : vocab_size;
-  if (mask_row[w] == 0u) {
-    for (int64_t v = begin; v < end; ++v) logits_row[v] = negative_infinity_bits;
-    return;
+  const int64_t count = begin + 32 < vocab_size ? 32 : vocab_size - begin;
+  Bits* logits = logits_row + begin;
+  uint32_t word = mask_row[w];
+  if (count < 32) word &= (1u << count) - 1u;
+  Bits kept[32];
+  for (uint32_t bits = word; bits != 0u; bits &= bits - 1u) {
+    kept[lowest_bit(bits)] = logits[lowest_bit(bits)];
   }
-  for (int64_t v = begin; v < end; ++v) {
-    apply_bitmask_element(logits_row, mask_row, v, negative_infinity_bits);
+  for (int64_t j = 0; j < count; ++j) logits[j] = negative_infinity_bits;
+  for (uint32_t bits = word; bits != 0u; bits &= bits - 1u) {
+    logits[lowest_bit(bits)] = kept[lowest_bit(bits)];
   }
 }
 

@@ -10,16 +10,22 @@ namespace {
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
-std::vector<int32_t> checked_tokens(const int64_t* tokens, int64_t num_tokens) {
-  std::vector<int32_t> checked(static_cast<size_t>(num_tokens));
+constexpr int64_t kMaxTokenId = INT32_MAX;
+
+void check_sizes(int64_t num_nodes, int64_t num_items) {
+  // The packed buffer (4 N + 2 + I entries) is indexed with int32 on the device.
+  if (num_nodes > INT32_MAX / 5 || num_items > INT32_MAX / 5) {
+    fail("the catalog is too large: the trie's arrays are indexed with int32");
+  }
+}
+
+void check_tokens(const int64_t* tokens, int64_t num_tokens) {
   for (int64_t k = 0; k < num_tokens; ++k) {
-    if (tokens[k] < 0 || tokens[k] > INT32_MAX) {
+    if (tokens[k] < 0 || tokens[k] > kMaxTokenId) {
       fail("token id " + std::to_string(tokens[k]) + " at flat position " + std::to_string(k) +
            " is outside [0, 2^31)");
     }
-    checked[static_cast<size_t>(k)] = static_cast<int32_t>(tokens[k]);
   }
-  return checked;
 }
 
 void check_offsets(const int64_t* offsets, int64_t num_sequences, int64_t num_tokens) {
@@ -64,9 +70,83 @@ struct SortEntry {
   int32_t sequence;
 };
 
-uint64_t head_key(const int32_t* first, const int32_t* last) {
+uint64_t head_key(const int64_t* first, const int64_t* last) {
   const uint64_t second = last - first > 1 ? static_cast<uint64_t>(first[1]) + 1 : 0;
   return ((static_cast<uint64_t>(first[0]) + 1) << 32) | second;
+}
+
+// The packed buffer of a trie of num_nodes nodes and num_items items, with views of its parts.
+struct PackedParts {
+  PackedTrie packed;
+  int32_t *token, *parent, *child_ptr, *item_ptr, *item_list;
+
+  PackedParts(size_t num_nodes, size_t num_items) {
+    packed.data.assign(4 * num_nodes + 2 + num_items, 0);
+    token = packed.data.data();
+    parent = token + num_nodes;
+    child_ptr = parent + num_nodes;
+    item_ptr = child_ptr + num_nodes + 1;
+    item_list = item_ptr + num_nodes + 1;
+  }
+};
+
+// Derives child_ptr, item_ptr, item_list, level_ptr and max_token from the token and parent
+// sections (BFS order) and the end node of every item.
+void derive(PackedParts& parts, size_t num_nodes, const int32_t* item_node, size_t num_items) {
+  std::vector<int32_t> depth(num_nodes, 0);
+  parts.packed.max_token = -1;
+  for (size_t n = 1; n < num_nodes; ++n) {
+    depth[n] = depth[static_cast<size_t>(parts.parent[n])] + 1;
+    ++parts.child_ptr[static_cast<size_t>(parts.parent[n]) + 1];  // a count, offsets below
+    parts.packed.max_token = std::max(parts.packed.max_token, parts.token[n]);
+  }
+  // Parents are non-decreasing in BFS order, so the children of n directly follow those of n - 1.
+  parts.child_ptr[0] = 1;
+  std::partial_sum(parts.child_ptr, parts.child_ptr + num_nodes + 1, parts.child_ptr);
+
+  std::vector<int32_t>& level_ptr = parts.packed.level_ptr;
+  level_ptr.assign(static_cast<size_t>(depth[num_nodes - 1]) + 2, 0);
+  for (const int32_t d : depth) ++level_ptr[static_cast<size_t>(d) + 1];
+  std::partial_sum(level_ptr.begin(), level_ptr.end(), level_ptr.begin());
+
+  for (size_t i = 0; i < num_items; ++i) ++parts.item_ptr[static_cast<size_t>(item_node[i]) + 1];
+  std::partial_sum(parts.item_ptr, parts.item_ptr + num_nodes + 1, parts.item_ptr);
+  std::vector<int32_t> next_slot(parts.item_ptr, parts.item_ptr + num_nodes);
+  for (size_t i = 0; i < num_items; ++i) {
+    parts.item_list[next_slot[static_cast<size_t>(item_node[i])]++] = static_cast<int32_t>(i);
+  }
+}
+
+// The invariants of the defining arrays that derive() relies on.
+void validate_core(const int32_t* parent, const int32_t* token, size_t num_nodes,
+                   const int32_t* item_node, size_t num_items) {
+  if (parent[0] != -1 || token[0] != -1) fail("node 0 must be the root (parent -1, token -1)");
+  for (size_t n = 1; n < num_nodes; ++n) {
+    const int32_t p = parent[n];
+    auto fail_at = [n](const char* problem) { fail("node " + std::to_string(n) + ": " + problem); };
+    if (p < 0 || static_cast<size_t>(p) >= n) fail_at("its parent is not an earlier node");
+    if (token[n] < 0) fail_at("negative token id");
+    // BFS order with siblings sorted: parents never decrease, and within one parent the tokens
+    // strictly increase. (Depth levels then follow, since each parent precedes its children.)
+    if (n > 1 && p < parent[n - 1]) fail_at("nodes are not in BFS order");
+    if (n > 1 && p == parent[n - 1] && token[n] <= token[n - 1]) {
+      fail_at("sibling tokens are not strictly increasing");
+    }
+  }
+  for (size_t i = 0; i < num_items; ++i) {
+    if (item_node[i] <= 0 || static_cast<size_t>(item_node[i]) >= num_nodes) {
+      fail("item " + std::to_string(i) + ": its node " + std::to_string(item_node[i]) +
+           " is not a non-root node of the trie");
+    }
+  }
+}
+
+void validate_leaves(const PackedParts& parts, size_t num_nodes) {
+  for (size_t n = 1; n < num_nodes; ++n) {
+    if (parts.child_ptr[n + 1] == parts.child_ptr[n] && parts.item_ptr[n + 1] == parts.item_ptr[n]) {
+      fail("node " + std::to_string(n) + " is a leaf where no item ends");
+    }
+  }
 }
 
 }  // namespace
@@ -77,74 +157,18 @@ PackedTrie pack_trie(Address parent_address, Address token_address, int64_t node
   const int32_t* token = at<const int32_t>(token_address);
   const int32_t* item_node = at<const int32_t>(item_node_address);
   if (node_count <= 0) fail("a trie needs at least the root node");
-  if (node_count > INT32_MAX / 6 || item_count > INT32_MAX / 2) {
-    fail("the trie is too large: its arrays are indexed with int32");
-  }
-  if (parent[0] != -1 || token[0] != -1) fail("node 0 must be the root (parent -1, token -1)");
   if (item_count <= 0) fail("a trie needs at least one item");
+  check_sizes(node_count, item_count);
   const size_t num_nodes = static_cast<size_t>(node_count);
   const size_t num_items = static_cast<size_t>(item_count);
+  validate_core(parent, token, num_nodes, item_node, num_items);
 
-  PackedTrie packed;
-  packed.data.resize(5 * num_nodes + 2 + num_items);
-  int32_t* out_token = packed.data.data();
-  int32_t* out_parent = out_token + num_nodes;
-  int32_t* child_ptr = out_parent + num_nodes;
-  int32_t* item_ptr = child_ptr + num_nodes + 1;
-  int32_t* item_list = item_ptr + num_nodes + 1;
-  int32_t* flow_source = item_list + num_items;
-  std::copy(token, token + num_nodes, out_token);
-  std::copy(parent, parent + num_nodes, out_parent);
-
-  std::vector<int32_t> depth(num_nodes, 0);
-  packed.max_token = -1;
-  for (size_t n = 1; n < num_nodes; ++n) {
-    const int32_t p = parent[n];
-    auto fail_at = [n](const char* problem) { fail("node " + std::to_string(n) + ": " + problem); };
-    if (p < 0 || static_cast<size_t>(p) >= n) fail_at("its parent is not an earlier node");
-    if (token[n] < 0) fail_at("negative token id");
-    if (n > 1 && p < parent[n - 1]) fail_at("nodes are not in BFS order");
-    if (n > 1 && p == parent[n - 1] && token[n] <= token[n - 1]) {
-      fail_at("sibling tokens are not strictly increasing");
-    }
-    depth[n] = depth[static_cast<size_t>(p)] + 1;
-    if (depth[n] < depth[n - 1]) fail_at("nodes are not in BFS order");
-    ++child_ptr[static_cast<size_t>(p) + 1];  // a child count for now, offsets below
-    packed.max_token = std::max(packed.max_token, token[n]);
-  }
-  // Parents are non-decreasing in BFS order, so the children of n directly follow those of n - 1.
-  child_ptr[0] = 1;
-  std::partial_sum(child_ptr, child_ptr + num_nodes + 1, child_ptr);
-
-  packed.level_ptr.assign(static_cast<size_t>(depth[num_nodes - 1]) + 2, 0);
-  for (const int32_t d : depth) ++packed.level_ptr[static_cast<size_t>(d) + 1];
-  std::partial_sum(packed.level_ptr.begin(), packed.level_ptr.end(), packed.level_ptr.begin());
-
-  for (size_t i = 0; i < num_items; ++i) {
-    const int32_t n = item_node[i];
-    if (n <= 0 || static_cast<size_t>(n) >= num_nodes) {
-      fail("item " + std::to_string(i) + ": its node " + std::to_string(n) +
-           " is not a non-root node of the trie");
-    }
-    ++item_ptr[static_cast<size_t>(n) + 1];
-  }
-  std::partial_sum(item_ptr, item_ptr + num_nodes + 1, item_ptr);
-  std::vector<int32_t> next_slot(item_ptr, item_ptr + num_nodes);
-  for (size_t i = 0; i < num_items; ++i) {
-    item_list[next_slot[static_cast<size_t>(item_node[i])]++] = static_cast<int32_t>(i);
-  }
-  for (size_t n = 1; n < num_nodes; ++n) {
-    if (child_ptr[n + 1] == child_ptr[n] && item_ptr[n + 1] == item_ptr[n]) {
-      fail("node " + std::to_string(n) + " is a leaf where no item ends");
-    }
-  }
-  // A node on a unary chain (one child, no item ending there) has the flow of its child, so
-  // every node takes its flow from the first node below it that is not unary.
-  for (size_t n = num_nodes; n-- > 0;) {
-    const bool unary = child_ptr[n + 1] - child_ptr[n] == 1 && item_ptr[n + 1] == item_ptr[n];
-    flow_source[n] = unary ? flow_source[child_ptr[n]] : static_cast<int32_t>(n);
-  }
-  return packed;
+  PackedParts parts(num_nodes, num_items);
+  std::copy(token, token + num_nodes, parts.token);
+  std::copy(parent, parent + num_nodes, parts.parent);
+  derive(parts, num_nodes, item_node, num_items);
+  validate_leaves(parts, num_nodes);
+  return std::move(parts.packed);
 }
 
 PackedTrie build_trie(Address token_address, int64_t num_tokens, Address offset_address,
@@ -153,15 +177,13 @@ PackedTrie build_trie(Address token_address, int64_t num_tokens, Address offset_
   const int64_t* offsets = at<const int64_t>(offset_address);
   const int64_t* item_ids = at<const int64_t>(item_id_address);
   if (num_sequences <= 0) fail("the catalog is empty: at least one sequence is needed");
-  if (num_sequences > INT32_MAX / 2 || num_tokens >= INT32_MAX / 6) {
-    fail("the catalog is too large: the trie's arrays are indexed with int32");
-  }
+  check_sizes(num_tokens + 1, num_sequences);
   check_offsets(offsets, num_sequences, num_tokens);
-  const std::vector<int32_t> flat = checked_tokens(tokens, num_tokens);
+  check_tokens(tokens, num_tokens);
   const std::vector<int32_t> item_of = checked_item_ids(item_ids, num_sequences);
 
-  auto begin_of = [&](int32_t s) { return flat.data() + offsets[s]; };
-  auto end_of = [&](int32_t s) { return flat.data() + offsets[s + 1]; };
+  auto begin_of = [&](int32_t s) { return tokens + offsets[s]; };
+  auto end_of = [&](int32_t s) { return tokens + offsets[s + 1]; };
   std::vector<SortEntry> order(static_cast<size_t>(num_sequences));
   for (int32_t s = 0; s < static_cast<int32_t>(num_sequences); ++s) {
     order[static_cast<size_t>(s)] = {head_key(begin_of(s), end_of(s)), s};
@@ -174,64 +196,50 @@ PackedTrie build_trie(Address token_address, int64_t num_tokens, Address offset_
                                         begin_of(b.sequence) + skip, end_of(b.sequence));
   });
 
-  // Nodes in DFS preorder: each sorted sequence adds the nodes below its longest common prefix
-  // with the previous one.
-  std::vector<int32_t> dfs_parent, dfs_token, dfs_depth;
-  for (std::vector<int32_t>* column : {&dfs_parent, &dfs_token, &dfs_depth}) {
-    column->reserve(static_cast<size_t>(num_tokens) + 1);
-  }
-  dfs_parent.push_back(-1);
-  dfs_token.push_back(-1);
-  dfs_depth.push_back(0);
-  std::vector<int32_t> end_node(static_cast<size_t>(num_sequences));
-  std::vector<int32_t> path{0};  // path[d]: the node at depth d of the current sequence
-  const int32_t* previous_begin = nullptr;
-  const int32_t* previous_end = nullptr;
-  for (const SortEntry& entry : order) {
-    const int32_t* first = begin_of(entry.sequence);
-    const int32_t* last = end_of(entry.sequence);
-    size_t common = 0;
-    if (previous_begin != nullptr) {
-      const std::ptrdiff_t bound = std::min(previous_end - previous_begin, last - first);
-      common = static_cast<size_t>(std::mismatch(first, first + bound, previous_begin).first - first);
+  // In sorted order, sequence k adds one node at every depth d with common[k] < d <= length,
+  // where common[k] is its longest common prefix with the previous sequence. First count the
+  // nodes of each depth (a difference array over depths), ...
+  std::vector<int32_t> common(order.size(), 0);
+  std::vector<int64_t> depth_count(1, 1);  // the root
+  for (size_t k = 0; k < order.size(); ++k) {
+    const int64_t* first = begin_of(order[k].sequence);
+    const int64_t* last = end_of(order[k].sequence);
+    if (k > 0) {
+      const int64_t* previous = begin_of(order[k - 1].sequence);
+      const std::ptrdiff_t bound = std::min(end_of(order[k - 1].sequence) - previous, last - first);
+      common[k] = static_cast<int32_t>(std::mismatch(first, first + bound, previous).first - first);
     }
-    path.resize(common + 1);
-    for (const int32_t* t = first + common; t != last; ++t) {
-      dfs_parent.push_back(path.back());
-      dfs_token.push_back(*t);
-      dfs_depth.push_back(static_cast<int32_t>(path.size()));
-      path.push_back(static_cast<int32_t>(dfs_parent.size() - 1));
-    }
-    end_node[static_cast<size_t>(entry.sequence)] = path.back();
-    previous_begin = first;
-    previous_end = last;
+    const size_t length = static_cast<size_t>(last - first);
+    if (depth_count.size() < length + 2) depth_count.resize(length + 2, 0);
+    ++depth_count[static_cast<size_t>(common[k]) + 1];
+    --depth_count[length + 1];
   }
+  std::partial_sum(depth_count.begin() + 1, depth_count.end(), depth_count.begin() + 1);
+  // ... then give every new node the next id of its depth: within a depth, the sorted order is
+  // the lexicographic order of the paths, which is the BFS order with siblings sorted by token.
+  std::vector<int64_t> next_id(depth_count.size(), 0);
+  std::partial_sum(depth_count.begin(), depth_count.end() - 1, next_id.begin() + 1);
+  const size_t num_nodes = static_cast<size_t>(next_id.back() + depth_count.back());
 
-  // A stable sort of the DFS preorder by depth is the BFS order with siblings sorted by token:
-  // within one depth both orders are the lexicographic order of the paths.
-  const size_t num_nodes = dfs_parent.size();
-  const int32_t max_depth = *std::max_element(dfs_depth.begin(), dfs_depth.end());
-  std::vector<int32_t> level_start(static_cast<size_t>(max_depth) + 2, 0);
-  for (const int32_t d : dfs_depth) ++level_start[static_cast<size_t>(d) + 1];
-  std::partial_sum(level_start.begin(), level_start.end(), level_start.begin());
-  std::vector<int32_t> bfs_id(num_nodes);
-  for (size_t n = 0; n < num_nodes; ++n) {
-    bfs_id[n] = level_start[static_cast<size_t>(dfs_depth[n])]++;
-  }
-
-  std::vector<int32_t> parent(num_nodes), token(num_nodes);
-  for (size_t n = 0; n < num_nodes; ++n) {
-    const size_t id = static_cast<size_t>(bfs_id[n]);
-    parent[id] = dfs_parent[n] < 0 ? -1 : bfs_id[static_cast<size_t>(dfs_parent[n])];
-    token[id] = dfs_token[n];
-  }
+  PackedParts parts(num_nodes, static_cast<size_t>(num_sequences));
+  parts.token[0] = parts.parent[0] = -1;
   std::vector<int32_t> item_node(static_cast<size_t>(num_sequences));
-  for (size_t s = 0; s < static_cast<size_t>(num_sequences); ++s) {
-    item_node[static_cast<size_t>(item_of[s])] = bfs_id[static_cast<size_t>(end_node[s])];
+  std::vector<int32_t> path{0};  // path[d]: the node at depth d of the current sequence
+  next_id[0] = 1;
+  for (size_t k = 0; k < order.size(); ++k) {
+    const int64_t* first = begin_of(order[k].sequence);
+    const size_t length = static_cast<size_t>(end_of(order[k].sequence) - first);
+    path.resize(length + 1);
+    for (size_t d = static_cast<size_t>(common[k]) + 1; d <= length; ++d) {
+      const int32_t id = static_cast<int32_t>(next_id[d]++);
+      parts.token[id] = static_cast<int32_t>(first[d - 1]);
+      parts.parent[id] = path[d - 1];
+      path[d] = id;
+    }
+    item_node[static_cast<size_t>(item_of[static_cast<size_t>(order[k].sequence)])] = path[length];
   }
-  return pack_trie(reinterpret_cast<Address>(parent.data()), reinterpret_cast<Address>(token.data()),
-                   static_cast<int64_t>(num_nodes), reinterpret_cast<Address>(item_node.data()),
-                   num_sequences);
+  derive(parts, num_nodes, item_node.data(), item_node.size());
+  return std::move(parts.packed);
 }
 
 }  // namespace flower

@@ -10,7 +10,7 @@ namespace flower {
 
 // A trie as the ops consume it: nodes in BFS order (each depth level a contiguous id range, the
 // root node 0), siblings contiguous and sorted by token, all arrays in one int32 buffer
-//   data = token[N] | parent[N] | child_ptr[N + 1] | item_ptr[N + 1] | item_list[I] | flow_source[N]
+//   data = token[N] | parent[N] | child_ptr[N + 1] | item_ptr[N + 1] | item_list[I]
 // (see TrieView in common.h for their meaning).
 struct PackedTrie {
   std::vector<int32_t> data;

@@ -10,8 +10,9 @@ namespace flower::cpu {
 namespace {
 
 constexpr int64_t kGrain = int64_t{1} << 15;  // element operations worth a thread
-// Rows that sweep the trie together in the first log_flows pass.
-constexpr int64_t kRowBlock = 16;
+// Rows that sweep the trie together in the flow passes: the trie arrays are then read once per
+// block, and the rows' active cache lines (8 rows x 2 levels) still fit in L1.
+constexpr int64_t kRowBlock = 8;
 
 int64_t rows_per_thread(int64_t work_per_row) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(work_per_row, 1));
@@ -22,8 +23,7 @@ void raise_status(Address status, int32_t flags) { *at<int32_t>(status) |= flags
 }  // namespace
 
 // On one thread, visiting node ids from high to low is bottom-up (children have larger ids), so
-// the CPU needs no level boundaries. The first pass runs node by node over a block of rows, so
-// that the trie arrays are read once per block; the chain copies then stream row by row.
+// the CPU needs no level boundaries.
 void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
                int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address status,
                Address exec) {
@@ -38,14 +38,10 @@ void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address 
       for (int64_t block = begin; block < end; block += kRowBlock) {
         const int64_t block_end = std::min(end, block + kRowBlock);
         for (int32_t n = trie.num_nodes - 1; n >= 0; --n) {
-          if (trie.flow_source[n] != n) continue;
           for (int64_t b = block; b < block_end; ++b) {
             flags |= log_flow_node(trie, rewards + b * items, out + b * nodes, n);
           }
         }
-      }
-      for (int64_t b = begin; b < end; ++b) {
-        for (int32_t n = 0; n < trie.num_nodes; ++n) copy_chain_flow(trie, out + b * nodes, n);
       }
       return flags;
     }));
@@ -59,11 +55,15 @@ void log_flows_backward(const TrieView& trie, int32_t real, Address log_rewards,
     using T = decltype(zero);
     const int64_t nodes = trie.num_nodes, items = trie.num_items;
     parallel_for(batch, exec, rows_per_thread(nodes + items), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t block = begin; block < end; block += kRowBlock) {
+        const int64_t block_end = std::min(end, block + kRowBlock);
         for (int32_t n = 0; n < trie.num_nodes; ++n) {
-          log_flow_backward_node(trie, at<const T>(log_rewards) + b * items,
-                                 at<const T>(flows) + b * nodes, at<const T>(grad_flows) + b * nodes,
-                                 at<T>(adjoint) + b * nodes, at<T>(grad_log_rewards) + b * items, n);
+          for (int64_t b = block; b < block_end; ++b) {
+            log_flow_backward_node(trie, at<const T>(log_rewards) + b * items,
+                                   at<const T>(flows) + b * nodes,
+                                   at<const T>(grad_flows) + b * nodes, at<T>(adjoint) + b * nodes,
+                                   at<T>(grad_log_rewards) + b * items, n);
+          }
         }
       }
       return int32_t{kOk};

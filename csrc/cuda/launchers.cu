@@ -71,15 +71,6 @@ __global__ void log_flows_level(TrieView trie, const T* log_rewards, T* flows, i
 }
 
 template <typename T>
-__global__ void copy_chain_flows(TrieView trie, T* flows, int64_t batch) {
-  const int64_t count = batch * trie.num_nodes;
-  for (int64_t i = first_index(); i < count; i += index_stride()) {
-    copy_chain_flow(trie, flows + (i / trie.num_nodes) * trie.num_nodes,
-                    static_cast<int32_t>(i % trie.num_nodes));
-  }
-}
-
-template <typename T>
 __global__ void log_flows_backward_level(TrieView trie, const T* log_rewards, const T* flows,
                                          const T* grad_flows, T* adjoint, T* grad_log_rewards,
                                          int64_t batch, int32_t level_begin, int32_t level_size) {
@@ -220,8 +211,7 @@ __global__ void transition_elements(TrieView trie, const T* flows, int64_t flows
 // launchers
 
 // Unlike the CPU, threads cannot rely on visiting ids from high to low: each depth level is one
-// launch, deepest first, so every child flow is complete before its parent reads it; one more
-// launch then copies the flows along the unary chains.
+// launch, deepest first, so every child flow is complete before its parent reads it.
 void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
                int64_t batch, const std::vector<int32_t>& level_ptr, Address status,
                Address exec) {
@@ -235,12 +225,6 @@ void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address 
       log_flows_level<T><<<blocks_for(count), kThreads, 0, stream_of(exec)>>>(
           trie, at<const T>(log_rewards), at<T>(flows), batch, level_ptr[d], level_size,
           at<int32_t>(status));
-      check_launch("log_flows");
-    }
-    const int64_t count = batch * trie.num_nodes;
-    if (count > 0) {
-      copy_chain_flows<T><<<blocks_for(count), kThreads, 0, stream_of(exec)>>>(
-          trie, at<T>(flows), batch);
       check_launch("log_flows");
     }
   });
