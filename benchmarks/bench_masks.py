@@ -1,0 +1,121 @@
+"""Constraining one decoding step of 64 rows to the trie: ``token_bitmask`` and
+``mask_logits_`` vs the published approach (:class:`baselines.IsinMasker`: a dict from the
+row's prefix to its allowed tokens, ``torch.isin`` over ``arange(V)`` per row, then
+``masked_fill_``).
+
+Rows are the states of 64 random partial item paths: 8 at the root, 24 shallow (1-3 tokens in)
+and 32 deep (4 tokens in or more, before the termination token). Each side starts from the
+state it tracks while decoding: ours from trie node ids, the baseline from prefix tuples.
+Logits are float32 ``[64, 151936]`` (the Qwen models' width). Target: >= 50x. Checks before
+timing: our bitmask, unpacked, is the baseline's mask, and both maskings give the same logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import baselines
+from harness import Case, baseline, ours
+
+ROWS_AT_DEPTH = {"root": 8, "shallow": 24, "deep": 32}  # 64 rows
+SHALLOW_DEPTHS = (1, 3)
+OURS = "flower_ext"
+ISIN = "dict+isin"
+
+
+def _row_prefixes(catalog) -> list[tuple[int, ...]]:
+    """Prefixes of random items, each shorter than its item, so every row has children."""
+    rng = np.random.default_rng(0)
+    prefixes = []
+    for kind, count in ROWS_AT_DEPTH.items():
+        for item in rng.integers(catalog.num_items, size=count):
+            begin, end = catalog.offsets[item], catalog.offsets[item + 1]
+            longest = end - begin - 1
+            if kind == "root":
+                depth = 0
+            elif kind == "shallow":
+                depth = rng.integers(SHALLOW_DEPTHS[0], min(SHALLOW_DEPTHS[1], longest) + 1)
+            else:
+                depth = rng.integers(min(SHALLOW_DEPTHS[1] + 1, longest), longest + 1)
+            prefixes.append(tuple(catalog.tokens[begin : begin + depth].tolist()))
+    return prefixes
+
+
+def _node_ids(trie, prefixes) -> torch.Tensor:
+    """Trie node of each prefix (the root for the empty one)."""
+    lengths = torch.tensor([len(prefix) for prefix in prefixes])
+    tokens = torch.zeros(len(prefixes), int(lengths.max()), dtype=torch.int64)
+    for row, prefix in enumerate(prefixes):
+        tokens[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.int64)
+    path = trie.walk(tokens, lengths)
+    last = path.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    nodes = torch.where(lengths > 0, last, 0).to(torch.int32)
+    assert bool((nodes >= 0).all()), "a row's prefix is missing from the trie"
+    return nodes
+
+
+class _Step:
+    """One decoding step's inputs for both sides."""
+
+    def __init__(self, catalog, trie):
+        self.prefixes = _row_prefixes(catalog)
+        self.node_ids = _node_ids(trie, self.prefixes)
+        self.vocab_size = catalog.vocab_size
+        self.masker = baselines.IsinMasker(catalog.padded(), self.prefixes, self.vocab_size)
+        generator = torch.Generator().manual_seed(0)
+        self.logits = torch.randn(len(self.prefixes), self.vocab_size, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def step(catalog, trie) -> _Step:
+    return _Step(catalog, trie)
+
+
+@pytest.fixture(scope="session")
+def token_bitmask_case(catalog, trie, step) -> Case:
+    def check(results):
+        assert torch.equal(baselines.unpack_bitmask(results[OURS], step.vocab_size), results[ISIN])
+
+    return Case(
+        "token_bitmask",
+        catalog.name,
+        [
+            ours(OURS, lambda: trie.token_bitmask(step.node_ids, step.vocab_size)),
+            baseline(ISIN, lambda: step.masker.allowed_mask(step.prefixes), target=50),
+        ],
+        check,
+    )
+
+
+@pytest.fixture(scope="session")
+def mask_logits_case(catalog, trie, step) -> Case:
+    # Masking is idempotent, so each side masks its own copy in place on every round and does
+    # the same work each time.
+    ours_logits, isin_logits = step.logits.clone(), step.logits.clone()
+
+    def check(results):
+        assert results[OURS] is ours_logits and results[ISIN] is isin_logits
+        assert torch.equal(ours_logits, isin_logits)
+        assert torch.isfinite(ours_logits).sum() > 0
+
+    return Case(
+        "mask_logits_",
+        catalog.name,
+        [
+            ours(OURS, lambda: trie.mask_logits_(ours_logits, step.node_ids)),
+            baseline(ISIN, lambda: step.masker.mask_logits_(isin_logits, step.prefixes), target=50),
+        ],
+        check,
+    )
+
+
+@pytest.mark.parametrize("implementation", [OURS, ISIN])
+def test_token_bitmask(benchmark, token_bitmask_case, implementation):
+    token_bitmask_case.measure(benchmark, implementation)
+
+
+@pytest.mark.parametrize("implementation", [OURS, ISIN])
+def test_mask_logits(benchmark, mask_logits_case, implementation):
+    mask_logits_case.measure(benchmark, implementation)
