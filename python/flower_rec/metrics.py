@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -51,10 +50,11 @@ from typing import Any
 
 import numpy as np
 
+from .files import atomic_write_bytes
+
 __all__ = [
     "DEFAULT_KS",
     "EPS",
-    "atomic_write_bytes",
     "distribution_fit",
     "diversity",
     "evaluate_recommendations",
@@ -445,26 +445,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``, so a reader never sees a half-written file. Creates missing parent folders;
-    the file gets the usual permissions (0o666 minus the umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_report(metrics: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flower_rec.metrics import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = ["plot_group_shares"]
 
