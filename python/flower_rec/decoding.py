@@ -103,8 +103,12 @@ class Catalog:
         return cls(item_tokens, trie)
 
     @classmethod
-    def from_titles(cls, titles: Sequence[str], tokenizer, prompt: str | None = None) -> Catalog:
-        return cls.from_item_tokens(item_token_sequences(titles, tokenizer, prompt))
+    def from_titles(
+        cls, titles: Sequence[str], tokenizer, prompt: str | None = None, **options
+    ) -> Catalog:
+        """Tokenises the titles with :func:`~flower_rec.prompts.item_token_sequences` (options
+        such as ``termination="split"`` pass through) and builds the trie."""
+        return cls.from_item_tokens(item_token_sequences(titles, tokenizer, prompt, **options))
 
     @property
     def titles(self) -> list[str]:
@@ -206,8 +210,8 @@ class TrieDecoder:
             are tokenised with its special tokens (a BOS where the tokenizer adds one), as for
             SFT. Prompts may also be given as token-id lists.
         catalog: the items (:class:`Catalog`).
-        eos_token_id: the token that ends a generation (scored by beam search); defaults to the
-            model's generation config, then the tokenizer's.
+        eos_token_id: the token that ends a generation (beam search scores it after an item);
+            defaults to the tokenizer's (the EOS that SFT appends), then the model's.
         pad_token_id: fills the left padding (masked; any id works).
         batch_size: prompts per forward batch (beam search runs ``batch_size * num_beams`` rows).
         progress: show a tqdm bar per call.
@@ -267,11 +271,15 @@ class TrieDecoder:
     # -- set-up ---------------------------------------------------------------------------
 
     def _resolve_eos(self, eos_token_id):
-        candidates = [eos_token_id]
+        # The tokenizer's EOS is the one SFT appends to the targets; a model's generation config
+        # may list several (chat models), of which only the first would be used.
         config = getattr(self.model, "generation_config", None)
-        candidates.append(getattr(config, "eos_token_id", None))
-        candidates.append(getattr(self.model.config, "eos_token_id", None))
-        candidates.append(getattr(self.tokenizer, "eos_token_id", None))
+        candidates = [
+            eos_token_id,
+            getattr(self.tokenizer, "eos_token_id", None),
+            getattr(config, "eos_token_id", None),
+            getattr(self.model.config, "eos_token_id", None),
+        ]
         for candidate in candidates:
             if isinstance(candidate, (list, tuple)):
                 candidate = candidate[0] if candidate else None

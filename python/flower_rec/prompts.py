@@ -245,6 +245,7 @@ def item_token_sequences(
     prompt: str | None = None,
     *,
     on_boundary_merge: str = "raise",
+    termination: str = "merged",
 ) -> ItemTokens:
     """THE tokenisation of a catalog: the tokens of ``title + "\\n"`` as they follow ``prompt``.
 
@@ -262,6 +263,14 @@ def item_token_sequences(
         on_boundary_merge: ``"raise"`` (ValueError naming the titles) or ``"report"`` (keep the
             tokens after the longest common prefix with the prompt's, and list the item in
             ``boundary_merges``).
+        termination: ``"merged"`` (the default): the newline as the tokenizer joins it to the
+            title, so the sequences are exactly the tokens of the text ``title + "\n"``, and a
+            few items end with a merged token (``")\n"``). ``"split"``: the title's tokens after
+            the prompt, then the bare newline token (the tokenisation of ``"\n"`` alone, which
+            must be one token), so that every item ends with the same termination token, as the
+            single-token ⊤ of flower_ext's losses expects; those few items then differ from the
+            tokenizer's encoding of their text in the last tokens, which is harmless as long as
+            SFT targets, trie, rollouts and decoding all take these sequences.
     """
     if on_boundary_merge not in ("raise", "report"):
         raise ValueError(
@@ -270,9 +279,19 @@ def item_token_sequences(
     titles = [str(t) for t in titles]
     if not titles:
         raise ValueError("the catalog has no titles")
+    if termination not in ("merged", "split"):
+        raise ValueError(f"termination must be 'merged' or 'split', got {termination!r}")
     prompt = _default_prompt() if prompt is None else prompt
     (prompt_ids,) = encode(tokenizer, [prompt])
-    full = encode(tokenizer, [prompt + response_text(t) for t in titles])
+    if termination == "merged":
+        full = encode(tokenizer, [prompt + response_text(t) for t in titles])
+    else:
+        (newline,) = encode(tokenizer, ["\n"])
+        if len(newline) != 1:
+            raise ValueError(
+                f'"\\n" alone is {len(newline)} tokens ({newline}): cannot split it off'
+            )
+        full = [ids + newline for ids in encode(tokenizer, [prompt + t for t in titles])]
 
     sequences, boundary_merges = [], []
     n = len(prompt_ids)
