@@ -20,7 +20,7 @@ from pathlib import Path
 
 import catalogs
 
-OP_ORDER = ["build", "log_flows", "token_bitmask", "mask_logits_", "subtb_loss"]
+OP_ORDER = ["build", "log_flows", "token_bitmask", "mask_logits_", "subtb_loss", "beam_search"]
 CATALOG_ORDER = [catalogs.VIDEO_GAMES, *catalogs.SYNTHETIC_SIZES]
 
 
@@ -58,6 +58,15 @@ def table(results: dict) -> str:
                     f"| {ratio:,.1f}x | {_format_target(target)} "
                     f"| {'yes' if ratio >= target else 'NO'} |"
                 )
+
+    shares = [
+        f"{bench['extra_info']['implementation']} {bench['extra_info']['constraint_share']:.1%}"
+        for bench in results["benchmarks"]
+        if "constraint_share" in bench["extra_info"]
+    ]
+    if shares:
+        lines.append("")
+        lines.append("Time share of the trie constraint inside decoding: " + ", ".join(shares) + ".")
 
     machine = results.get("machine_info", {})
     load = machine.get("load_average_at_start")

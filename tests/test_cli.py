@@ -1,0 +1,67 @@
+"""The flower-rec command line, end to end on a small synthetic dataset and a tiny model."""
+
+import json
+
+import pytest
+
+from flower_rec.cli import main
+from flower_rec.data import load_dataset
+from flower_rec.models import corpus, tiny_llama, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    assert main(["prepare", "synthetic", "--items", "60", "--users", "300", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(dataset_dir, tmp_path_factory):
+    """A tiny untrained Llama and a BPE tokenizer trained on the dataset, saved like a run."""
+    out = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(corpus(load_dataset(dataset_dir)), vocab_size=400)
+    tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_stats_json(dataset_dir, capsys):
+    assert main(["stats", "--data", str(dataset_dir), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["items"] == len(load_dataset(dataset_dir).titles)
+    assert len(stats["groups"]["GH"]) == 8 and sum(stats["groups"]["GH"]) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("mode", ["beam", "sampled-top-k"])
+def test_evaluate_writes_metrics_recommendations_and_plot(dataset_dir, model_dir, tmp_path, mode):
+    out = tmp_path / mode
+    args = ["evaluate", "--data", str(dataset_dir), "--model", str(model_dir), "--limit", "6",
+            "--k", "5", "--mode", mode, "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert report["config"]["mode"] == mode
+    assert metrics["num_samples"] == 6 and metrics["invalid_outputs"] == 0
+    for name in ("HR@10", "NDCG@10", "MGU", "type_token_ratio"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert 0.0 <= metrics["DGU"] <= 2.0 and metrics["word_entropy"] > 0.0
+    assert sum(metrics["GP"]) + metrics["GP_outside"] == pytest.approx(1.0)
+    titles = set(load_dataset(dataset_dir).titles)
+    lines = [json.loads(line) for line in (out / "recommendations.jsonl").read_text().splitlines()]
+    assert len(lines) == 6
+    assert all(len(row["recommended"]) == 5 and set(row["recommended"]) <= titles for row in lines)
+    assert all(len(set(row["recommended"])) == 5 for row in lines)
+    assert (out / "groups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["stats", "--data", str(tmp_path / "missing")]) == 2
+    assert "not a dataset folder" in capsys.readouterr().err
+
+
+def test_help_names_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(command in help_text for command in ("prepare", "stats", "evaluate"))
