@@ -1,4 +1,4 @@
-"""Small catalog and node-row generators shared by the interop and generation tests.
+"""Small catalogs, node rows, synthetic titles and tokenizers shared by the tests.
 
 Imported as a plain module (``from helpers_data import ...``): pytest puts this folder on
 ``sys.path`` because ``tests/`` is not a package.
@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from flower_rec.prompts import build_prompt, response_text
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from flower_ext import Trie
 
@@ -56,3 +59,67 @@ def allowed_tokens(trie: Trie, node_ids: Tensor, vocab_size: int) -> Tensor:
     allowed = torch.zeros(node_ids.numel(), vocab_size, dtype=torch.bool)
     allowed[rows, child_tokens.long()] = True
     return allowed
+
+
+# Words of readable synthetic titles for tokenizer and decoding tests.
+WORDS = [
+    "Star",
+    "Wars",
+    "Mario",
+    "Kart",
+    "Zelda",
+    "Legend",
+    "of",
+    "the",
+    "Edition",
+    "Deluxe",
+    "PlayStation",
+    "4",
+    "Xbox",
+    "One",
+    "(Black)",
+    "-",
+    "Controller",
+    "Game",
+    "Halo:",
+    "Duty",
+    "Sonic",
+    "Ultimate",
+    "Pack",
+    "2",
+    "Remastered",
+    "[Digital",
+    "Code]",
+    "Vol.",
+    "1.",
+    "Hero!",
+]
+
+
+def synthetic_titles(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    titles: set[str] = set()
+    while len(titles) < count:
+        titles.add(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))))
+    return sorted(titles)
+
+
+def train_bpe(titles: list[str], *, pre_tokenize: bool = True, vocab_size: int = 400) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style pre-tokenisation) or, without pre-tokenisation, a BPE whose
+    merges may span the prompt / title boundary."""
+    tokenizer = Tokenizer(models.BPE())
+    if pre_tokenize:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if pre_tokenize else [],
+    )
+    rng = random.Random(1)
+    corpus = [
+        build_prompt(rng.sample(titles, 3)) + response_text(t) for t in titles for _ in range(3)
+    ]
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from flower_rec.decoding import Catalog, TrieDecoder
-from flower_rec.prompts import build_prompt, item_token_sequences, response_text
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from flower_rec.prompts import build_prompt, item_token_sequences
+from helpers_data import synthetic_titles, train_bpe
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -27,47 +27,7 @@ from transformers import (
 
 from flower_ext.generation import TrieLogitsProcessor
 
-WORDS = [
-    "Star",
-    "Wars",
-    "Mario",
-    "Kart",
-    "Zelda",
-    "Legend",
-    "of",
-    "the",
-    "Edition",
-    "Deluxe",
-    "PlayStation",
-    "4",
-    "Xbox",
-    "One",
-    "(Black)",
-    "-",
-    "Controller",
-    "Game",
-    "Halo:",
-    "Duty",
-    "Sonic",
-    "Ultimate",
-    "Pack",
-    "2",
-    "Remastered",
-    "[Digital",
-    "Code]",
-    "Vol.",
-    "1.",
-    "Hero!",
-]
 PAD, EOS = "<pad>", "<eos>"
-
-
-def synthetic_titles(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    titles: set[str] = set()
-    while len(titles) < count:
-        titles.add(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))))
-    return sorted(titles)
 
 
 @pytest.fixture(scope="module")
@@ -77,20 +37,7 @@ def titles() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(titles) -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=[PAD, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    rng = random.Random(1)
-    corpus = [
-        build_prompt(rng.sample(titles, 3)) + response_text(t) for t in titles for _ in range(3)
-    ]
-    bpe.train_from_iterator(corpus, trainer)
+    bpe = train_bpe(titles, vocab_size=320)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD, eos_token=EOS)
 
 

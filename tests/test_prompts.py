@@ -8,7 +8,6 @@ on small BPE tokenizers trained here with the ``tokenizers`` library.
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from flower_rec.prompts import (
     item_token_sequences,
     response_text,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
+from helpers_data import synthetic_titles, train_bpe
 from transformers import PreTrainedTokenizerFast
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -31,67 +31,6 @@ VIDEO_GAMES_TITLES = (
 )
 MOVIES_TRAIN = SHARED / "data/flower_official/Movies_RQ1/base_line_data/train_100.json"
 
-WORDS = [
-    "Star",
-    "Wars",
-    "Mario",
-    "Kart",
-    "Zelda",
-    "Legend",
-    "of",
-    "the",
-    "Edition",
-    "Deluxe",
-    "PlayStation",
-    "4",
-    "Xbox",
-    "One",
-    "(Black)",
-    "-",
-    "Controller",
-    "Game",
-    "Halo:",
-    "Duty",
-    "Sonic",
-    "Ultimate",
-    "Pack",
-    "2",
-    "Remastered",
-    "[Digital",
-    "Code]",
-    "Vol.",
-    "1.",
-    "Hero!",
-]
-
-
-def synthetic_titles(count: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    titles: set[str] = set()
-    while len(titles) < count:
-        titles.add(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))))
-    return sorted(titles)
-
-
-def train_bpe(titles: list[str], *, pre_tokenize: bool = True, vocab_size: int = 400) -> Tokenizer:
-    """A byte-level BPE (GPT-2 style pre-tokenisation) or, without pre-tokenisation, a BPE whose
-    merges may span the prompt / title boundary."""
-    tokenizer = Tokenizer(models.BPE())
-    if pre_tokenize:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<eos>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if pre_tokenize else [],
-    )
-    rng = random.Random(1)
-    corpus = [
-        build_prompt(rng.sample(titles, 3)) + response_text(t) for t in titles for _ in range(3)
-    ]
-    tokenizer.train_from_iterator(corpus, trainer)
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
