@@ -15,9 +15,8 @@ from collections import deque
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from flower_ext import Trie
+from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------
 # build

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from harness import Case, baseline, ours
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -66,8 +67,6 @@ class _Setup:
     """Tokenizer, model, catalog, prompts and the three decoders, built once."""
 
     def __init__(self):
-        from flower_rec.decoding import Catalog, TrieDecoder
-        from flower_rec.prompts import build_prompt, response_text
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         from transformers import (
             GenerationConfig,
@@ -75,6 +74,9 @@ class _Setup:
             LlamaForCausalLM,
             PreTrainedTokenizerFast,
         )
+
+        from flower_rec.decoding import Catalog, TrieDecoder
+        from flower_rec.prompts import build_prompt, response_text
 
         self.catalog_name, titles = _titles()
         bpe = Tokenizer(models.BPE())
@@ -164,9 +166,8 @@ class _Setup:
         return self._items(sequences)
 
     def trie_processor(self) -> torch.Tensor:
-        from transformers import LogitsProcessorList
-
         from flower_ext.generation import TrieLogitsProcessor
+        from transformers import LogitsProcessorList
 
         processor = TrieLogitsProcessor(self.catalog.trie, self.prompt_length, self.eos)
         with torch.no_grad():
@@ -188,9 +189,8 @@ class _Setup:
 
     def constraint_shares(self) -> dict[str, float]:
         """One instrumented call of each: total seconds and seconds inside the constraint."""
-        from transformers.generation import logits_process
-
         from flower_ext.generation import TrieLogitsProcessor
+        from transformers.generation import logits_process
 
         info: dict[str, float] = {}
 

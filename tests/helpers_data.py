@@ -10,12 +10,11 @@ import random
 from collections.abc import Sequence
 
 import torch
+from flower_ext import Trie
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 from flower_rec.prompts import build_prompt, response_text
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from flower_ext import Trie
 
 
 def random_catalog(

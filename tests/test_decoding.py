@@ -14,9 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from flower_rec.decoding import Catalog, TrieDecoder
-from flower_rec.prompts import build_prompt, item_token_sequences
-from helpers_data import synthetic_titles, train_bpe
+from flower_ext.generation import TrieLogitsProcessor
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -25,7 +23,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from flower_ext.generation import TrieLogitsProcessor
+from flower_rec.decoding import Catalog, TrieDecoder
+from flower_rec.prompts import build_prompt, item_token_sequences
+from helpers_data import synthetic_titles, train_bpe
 
 PAD, EOS = "<pad>", "<eos>"
 

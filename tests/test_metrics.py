@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from flower_rec.metrics import (
     EPS,
     distribution_fit,

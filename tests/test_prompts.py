@@ -12,6 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
 from flower_rec.prompts import (
     DOMAINS,
     Domain,
@@ -20,9 +23,7 @@ from flower_rec.prompts import (
     item_token_sequences,
     response_text,
 )
-from tokenizers import Tokenizer
 from helpers_data import synthetic_titles, train_bpe
-from transformers import PreTrainedTokenizerFast
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 QWEN_TOKENIZER = SHARED / "models/qwen3-tokenizer/tokenizer.json"

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_ext import Trie
 from tokenizers import Tokenizer
 from torch import Tensor
-
-from flower_ext import Trie
 
 # The repository sits beside a folder shared/ (here and on CI).
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_ext import Trie
+from flower_ext.reference import ReferenceTrie, node_prefixes
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from flower_ext import Trie
-from flower_ext.reference import ReferenceTrie, node_prefixes
 from strategies import build, catalogs
 
 # A small fixed catalog with a duplicate (items 0 and 3) and an item that is a prefix of another

@@ -51,9 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from flower_ext import Trie
+from torch import Tensor
 
 from .prompts import ItemTokens, encode, item_token_sequences
 
