@@ -4,6 +4,7 @@ the paper (docs/method.md section 4) against the training popularity groups."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,8 +15,8 @@ from .files import atomic_open
 from .metrics import evaluate_recommendations, group_shares, write_report
 from .prompts import build_prompt
 
-DecodingMode = Literal["beam", "sampled-top-k"]
-DECODING_MODES: tuple[DecodingMode, ...] = ("beam", "sampled-top-k")
+DecodingMode = Literal["beam", "sampled-top-k", "sample"]
+DECODING_MODES: tuple[DecodingMode, ...] = ("beam", "sampled-top-k", "sample")
 
 
 @dataclass
@@ -43,18 +44,24 @@ def recommend(
     domain: str = "items",
     limit: int | None = None,
     seed: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[list[list[str]], list[str]]:
-    """Top-``k`` titles for each sample of ``split`` (the first ``limit`` samples when given) and
-    the target titles. ``beam`` is beam search with ``k`` beams (mode-seeking); ``sampled-top-k``
-    draws ``k`` distinct items without replacement from the model's trie-constrained
-    distribution (recommends in proportion to what the model learned)."""
+    """``k`` titles for each sample of ``split`` (the first ``limit`` samples when given) and
+    the target titles. ``beam`` is beam search with ``k`` beams (mode-seeking, ranked);
+    ``sampled-top-k`` draws ``k`` distinct items without replacement from the model's
+    trie-constrained distribution (recommends in proportion to what the model learned);
+    ``sample`` draws ``k`` independent samples at ``temperature`` (distribution fitting)."""
     samples = dataset.split(split)[:limit]
     titles = dataset.titles
     prompts = [build_prompt([titles[i] for i in s.history], domain) for s in samples]
     if mode == "beam":
         recommendations = decoder.beam_search(prompts, num_beams=k)
     elif mode == "sampled-top-k":
-        recommendations = decoder.sampled_top_k(prompts, k=k, seed=seed)
+        recommendations = decoder.sampled_top_k(prompts, k=k, temperature=temperature, seed=seed)
+    elif mode == "sample":
+        recommendations = decoder.sample(
+            prompts, num_samples=k, temperature=temperature, seed=seed
+        )
     else:
         raise ValueError(f"unknown decoding mode {mode!r}; choose one of {DECODING_MODES}")
     return recommendations, [titles[s.target] for s in samples]
@@ -71,15 +78,22 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    temperature: float = 1.0,
+    target_distribution: Mapping[str, float] | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Decodes ``split`` with ``model`` constrained to the catalog and computes every metric."""
+    """Decodes ``split`` with ``model`` constrained to the catalog and computes every metric;
+    with ``target_distribution`` ({title: count or probability}) also KL(m||b), KL(b||m) and
+    JS of the recommended titles against it."""
     catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], domain))
     decoder = TrieDecoder(model, tokenizer, catalog, batch_size=batch_size, progress=progress)
-    recommendations, targets = recommend(decoder, dataset, split, mode, k, domain, limit, seed)
+    recommendations, targets = recommend(
+        decoder, dataset, split, mode, k, domain, limit, seed, temperature
+    )
     groups, shares = popularity_reference(dataset)
     metrics = evaluate_recommendations(
-        recommendations, targets, groups, shares, catalog_titles=dataset.titles
+        recommendations, targets, groups, shares, catalog_titles=dataset.titles,
+        target_distribution=target_distribution,
     )
     return Evaluation(metrics, recommendations, targets)
 
