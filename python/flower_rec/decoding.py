@@ -195,6 +195,12 @@ class _Batch:
     lengths: Tensor  # [B] real prompt lengths
     indices: list[int]  # positions of these prompts in the caller's list
 
+    @classmethod
+    def from_padded(cls, input_ids: Tensor, attention_mask: Tensor, indices: list[int]) -> _Batch:
+        """The batch of left-padded prompts, positions counted over the real tokens."""
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return cls(input_ids, attention_mask, positions, attention_mask.sum(1), indices)
+
 
 # ---------------------------------------------------------------------------------------------
 # decoder
@@ -323,14 +329,7 @@ class TrieDecoder:
                 for row, i in enumerate(chosen):
                     input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
                     mask[row, width - len(ids[i]) :] = 1
-                positions = (mask.cumsum(1) - 1).clamp(min=0)
-                yield _Batch(
-                    input_ids.to(self.device),
-                    mask.to(self.device),
-                    positions.to(self.device),
-                    mask.sum(1).to(self.device),
-                    chosen,
-                )
+                yield _Batch.from_padded(input_ids.to(self.device), mask.to(self.device), chosen)
                 bar.update(len(chosen))
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
@@ -556,6 +555,22 @@ class TrieDecoder:
     def sample(self, prompts, **options) -> list[list[str]]:
         """Titles of :meth:`sample_items`, ``num_samples`` per prompt."""
         return self._titles(self.sample_items(prompts, **options))
+
+    def sample_leaves(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Trie-constrained samples for an already tokenised, left-padded batch (on the model's
+        device): the leaf node of each sample, ``[B * num_samples]`` (-1 where an item was not
+        finished within ``max_new_tokens``). The training rollouts use this."""
+        batch = _Batch.from_padded(input_ids, attention_mask, list(range(input_ids.shape[0])))
+        return self._sample_batch(batch, num_samples, temperature, max_new_tokens, generator)
 
     def _sample_batch(self, batch, num_samples, temperature, max_new_tokens, generator):
         device = self.device

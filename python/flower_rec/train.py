@@ -1,0 +1,962 @@
+"""Fine-tuning an LLM recommender: SFT (the BIGRec baseline) and Flower (docs/method.md section 3),
+on :class:`transformers.Trainer`.
+
+``train(TrainConfig(data=..., out=..., method="sft" | "flower"))`` trains and returns the run
+folder::
+
+    RUN/train_config.json        the configuration (JSON)
+    RUN/metrics.jsonl            one line per Trainer log: step, loss, sft, subtb | flow_matching, ...
+    RUN/config.json, model.safetensors, tokenizer files      the final model (save_pretrained;
+                                 a LoRA run is merged into its base model), what `evaluate` loads
+    RUN/checkpoints/checkpoint-N Trainer checkpoints (model, optimizer, scheduler, RNG states)
+    RUN/tensorboard/             with ``tensorboard=True``
+
+Because the loss lives in :meth:`FlowerTrainer.compute_loss`, the same code runs on one CPU, one
+GPU and several GPUs under ``torchrun`` / ``accelerate launch`` (DDP), and checkpoints and
+``resume=True`` come from the Trainer. A resumed run reproduces the uninterrupted one: the
+rollouts draw from a generator seeded from (seed, optimizer step, the batch's sample indices),
+not from a global RNG stream.
+
+One tokenisation of every item (method.md pitfall 3): :func:`flower_rec.prompts.item_token_sequences`
+gives the tokens of ``title + "\\n"`` after the prompt. The SFT target is those tokens then EOS;
+the Flower loss trie holds the same sequences each followed by EOS, so the termination token ⊤
+of the losses is EOS, as in decoding (beam search ends an item with EOS). A trajectory is the
+sequence ``y_1 .. y_T`` of one item, its states ``s_0 .. s_T``; ``log π(⊤ | s_k)`` is the
+model's EOS probability there.
+
+A training step of ``flower`` with the ``subtb`` flow loss (the paper's):
+
+1. rollout, without gradient: one trajectory per sample from the current model at temperature 1
+   over the KV cache, left-padded prompts with the attention mask, the logits masked to the
+   trie's children at each step (:class:`flower_rec.decoding.TrieDecoder`'s sampler);
+2. one teacher-forced forward with gradient over prompt, SFT target and trajectory together: the
+   target and the trajectory both follow the prompt, which is encoded once (a 4-D attention mask
+   lets each continuation see the prompt and itself only; attention implementations that take
+   no such mask run the two continuations as separate rows instead). Only the logits from the
+   last prompt position on are computed;
+3. per-user flows: the item rewards of :mod:`flower_rec.rewards` (personalised per sample for
+   ``logp_div_s`` / ``logp_add_logs``), aggregated by ``trie.log_flows`` in one batched call;
+4. ``theta * SFT + (1 - theta) * SubTB`` (flower_ext.losses).
+
+``flow_loss="flow_matching"`` replaces 1 and the trajectory by teacher-forced flow matching on
+the SFT target's path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flower_ext import Trie, losses
+from torch import Tensor
+from transformers import Trainer, TrainerCallback
+
+from .data import Dataset, load_dataset
+from .decoding import Catalog, TrieDecoder
+from .prompts import DOMAINS, build_prompt, encode
+from .rewards import DEFAULT_FLOOR_COUNT, REWARD_VARIANTS, PopularityRewards
+
+__all__ = [
+    "CONFIG_FILE",
+    "FLOW_LOSSES",
+    "METHODS",
+    "METRICS_FILE",
+    "FlowerObjective",
+    "FlowerTrainer",
+    "LossTerms",
+    "MetricsFileCallback",
+    "RecommendationCollator",
+    "TrainConfig",
+    "TrainConfigError",
+    "encode_samples",
+    "train",
+]
+
+METHODS = ("sft", "flower")
+FLOW_LOSSES = ("subtb", "flow_matching")
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+# Fields that may differ between a run and its resumption.
+_RESUMABLE_FIELDS = ("resume", "progress", "tensorboard")
+
+ProbabilitySource = Callable[[Tensor], Tensor]
+"""Per-sample item probabilities: training-sample indices ``[B]`` -> ``p_u [B, I]``."""
+
+logger = logging.getLogger(__name__)
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot run (the message says which field and why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved as ``train_config.json`` in the run folder).
+
+    Args:
+        data: dataset folder (:func:`flower_rec.data.load_dataset`).
+        out: the run folder.
+        method: ``"sft"`` (BIGRec) or ``"flower"``.
+        model: a Hugging Face causal LM, local path or hub id; None builds the embedded tiny
+            Llama-style model with a BPE tokenizer trained on the dataset's text.
+        tiny_hidden_size, tiny_layers, tiny_heads, tiny_vocab_size: size of that tiny model.
+        lora: train LoRA adapters (peft) instead of every weight; the saved model is merged.
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA configuration.
+        bf16: bfloat16 mixed precision (the Trainer's autocast; weights stay float32).
+        theta: weight of SFT in ``theta * SFT + (1 - theta) * flow`` (flower only).
+        reward: ``logp``, ``logp_div_s`` (the paper's default; needs ``aux_probabilities``) or
+            ``logp_add_logs`` (needs them too); see :mod:`flower_rec.rewards`.
+        flow_loss: ``subtb`` (on-policy sub-trajectory balance, the paper's) or
+            ``flow_matching`` (teacher-forced on the target path, no sampling).
+        floor_count: popularity count of titles never seen in a training history.
+        aux_probabilities: ``p_u`` of every training sample, ``[num_train_samples, I]``: a
+            tensor, a file (``.pt`` holding a tensor, or ``.safetensors`` holding one tensor), or
+            a callable mapping sample indices ``[B]`` to ``[B, I]``.
+        domain: wording of the prompt (:data:`flower_rec.prompts.DOMAINS`); evaluate with the
+            same.
+        learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW and its schedule
+            (linear decay after the warm-up).
+        epochs: training epochs; ``max_steps`` > 0 overrides them.
+        batch_size: samples per device per forward; ``gradient_accumulation_steps`` forwards
+            per optimizer step.
+        save_steps: a checkpoint every this many optimizer steps; ``save_total_limit`` keeps the
+            newest ones (None keeps all).
+        logging_steps: a metrics line every this many optimizer steps.
+        seed: model initialisation, data order and rollouts.
+        resume: continue the run in ``out`` from its newest checkpoint.
+        tensorboard: also write TensorBoard event files (needs the tensorboard package).
+        progress: progress bars.
+    """
+
+    data: str | os.PathLike
+    out: str | os.PathLike
+    method: str = "sft"
+    model: str | None = None
+    tiny_hidden_size: int = 128
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_vocab_size: int = 2000
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list[str] = "all-linear"
+    bf16: bool = False
+    theta: float = 0.9995
+    reward: str = "logp_div_s"
+    flow_loss: str = "subtb"
+    floor_count: float = DEFAULT_FLOOR_COUNT
+    aux_probabilities: Any = None
+    domain: str = "items"
+    learning_rate: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    seed: int = 0
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """From a mapping (a YAML / JSON file); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TrainConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    @property
+    def needs_probabilities(self) -> bool:
+        return self.method == "flower" and self.reward != "logp"
+
+    def validate(self) -> None:
+        """Raises :class:`TrainConfigError` naming the first invalid field."""
+
+        def fail(message: str) -> None:
+            raise TrainConfigError(message)
+
+        if self.method not in METHODS:
+            fail(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.reward not in REWARD_VARIANTS:
+            fail(f"unknown reward {self.reward!r}; expected one of {REWARD_VARIANTS}")
+        if self.flow_loss not in FLOW_LOSSES:
+            fail(f"unknown flow_loss {self.flow_loss!r}; expected one of {FLOW_LOSSES}")
+        if not (isinstance(self.theta, (int, float)) and 0.0 <= self.theta <= 1.0):
+            fail(f"theta must lie in [0, 1], got {self.theta!r}")
+        if not (isinstance(self.floor_count, (int, float)) and self.floor_count > 0
+                and math.isfinite(self.floor_count)):
+            fail(f"floor_count must be a positive number, got {self.floor_count!r}")
+        if self.domain not in DOMAINS:
+            fail(f"unknown domain {self.domain!r}; expected one of {sorted(DOMAINS)}")
+        positive = {
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "save_steps": self.save_steps,
+            "logging_steps": self.logging_steps,
+            "tiny_hidden_size": self.tiny_hidden_size,
+            "tiny_layers": self.tiny_layers,
+            "tiny_heads": self.tiny_heads,
+            "lora_r": self.lora_r,
+        }
+        for name, value in positive.items():
+            if not (isinstance(value, int) and value > 0):
+                fail(f"{name} must be a positive integer, got {value!r}")
+        if self.tiny_hidden_size % self.tiny_heads:
+            fail(f"tiny_hidden_size {self.tiny_hidden_size} is not a multiple of tiny_heads "
+                 f"{self.tiny_heads}")
+        if not self.learning_rate > 0:
+            fail(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.max_steps <= 0 and not self.epochs > 0:
+            fail(f"epochs must be positive (or max_steps > 0), got {self.epochs!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            fail("warmup_steps and weight_decay must not be negative")
+        if self.needs_probabilities and self.aux_probabilities is None:
+            fail(
+                f"reward {self.reward!r} needs aux_probabilities (p_u of every training sample "
+                "from an auxiliary recommender, e.g. `flower-rec train-aux`); pass them, or use "
+                "reward='logp' for popularity-only rewards"
+            )
+        if not Path(self.data).is_dir():
+            fail(f"data folder {str(self.data)!r} does not exist (create one with "
+                 "`flower-rec prepare`)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; a tensor or callable ``aux_probabilities`` is described, not stored."""
+        values = dataclasses.asdict(self)
+        for key in ("data", "out"):
+            values[key] = str(values[key])
+        aux = self.aux_probabilities
+        if isinstance(aux, Tensor):
+            values["aux_probabilities"] = f"<tensor {list(aux.shape)}>"
+        elif isinstance(aux, os.PathLike):
+            values["aux_probabilities"] = str(aux)
+        elif callable(aux):
+            values["aux_probabilities"] = f"<callable {getattr(aux, '__name__', type(aux).__name__)}>"
+        return values
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class EncodedSamples:
+    """Token ids of each training sample: its prompt (with the tokenizer's special tokens, as
+    decoding encodes prompts) and its target item's sequence (without EOS)."""
+
+    prompts: list[list[int]]
+    targets: list[list[int]]
+
+
+def encode_samples(
+    dataset: Dataset, split: str, tokenizer, catalog: Catalog, domain: str = "items"
+) -> EncodedSamples:
+    titles = dataset.titles
+    samples = dataset.split(split)
+    texts = [build_prompt([titles[i] for i in s.history], domain) for s in samples]
+    prompts = encode(tokenizer, texts, add_special_tokens=True)
+    sequences = catalog.item_tokens.sequences
+    return EncodedSamples(prompts, [list(sequences[s.target]) for s in samples])
+
+
+class _SampleSet(torch.utils.data.Dataset):
+    """The training samples as collator inputs; each carries its index (per-sample rewards and
+    rollout seeds key on it)."""
+
+    def __init__(self, encoded: EncodedSamples):
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "sample_index": index,
+            "prompt": self.encoded.prompts[index],
+            "target": self.encoded.targets[index],
+        }
+
+
+@dataclass
+class RecommendationCollator:
+    """Batches samples: ``input_ids`` / ``attention_mask`` ``[B, P]`` (prompts, left-padded),
+    ``target_ids [B, W]`` (item sequences without EOS, right-padded), ``target_lengths [B]``,
+    ``sample_index [B]``."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        batch = len(features)
+        prompt_width = max(len(f["prompt"]) for f in features)
+        target_width = max(len(f["target"]) for f in features)
+        input_ids = torch.full((batch, prompt_width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, prompt_width), dtype=torch.long)
+        target_ids = torch.full((batch, target_width), self.pad_token_id, dtype=torch.long)
+        for row, feature in enumerate(features):
+            prompt, target = feature["prompt"], feature["target"]
+            input_ids[row, prompt_width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, prompt_width - len(prompt) :] = 1
+            target_ids[row, : len(target)] = torch.tensor(target)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "target_ids": target_ids,
+            "target_lengths": torch.tensor([len(f["target"]) for f in features]),
+            "sample_index": torch.tensor([int(f["sample_index"]) for f in features]),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective
+
+
+@dataclass
+class LossTerms:
+    """The loss of a batch and its parts (``flow`` is None for SFT)."""
+
+    loss: Tensor
+    sft: Tensor
+    flow: Tensor | None = None
+    flow_name: str | None = None
+
+    def scalars(self) -> dict[str, Tensor]:
+        out = {"sft": self.sft.detach()}
+        if self.flow is not None:
+            out[self.flow_name] = self.flow.detach()
+        return out
+
+
+def _unwrap(model):
+    """The module that runs a plain forward: without DDP / DataParallel, and for a peft model its
+    base model (which holds the injected LoRA layers)."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def rollout_seed(seed: int, step: int, sample_index: Tensor) -> int:
+    """Seed of one batch's rollouts, a function of the run's seed, the optimizer step and the
+    samples alone, so that a resumed run (same step, same batches) draws the same trajectories
+    and DDP ranks (different samples) draw different ones."""
+    key = f"{seed}:{step}:{','.join(map(str, sample_index.tolist()))}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+class FlowerObjective:
+    """The training loss of a batch of :class:`RecommendationCollator` inputs.
+
+    Args:
+        catalog: the items (:class:`flower_rec.decoding.Catalog`, the decoding trie).
+        tokenizer: the model's tokenizer.
+        method: ``"sft"`` or ``"flower"``.
+        eos_token_id: the token that ends every item (SFT target and ⊤ of the losses).
+        theta: SFT weight of the flower loss.
+        flow_loss: ``"subtb"`` or ``"flow_matching"``.
+        rewards: popularity rewards (flower).
+        reward_variant: see :mod:`flower_rec.rewards`.
+        probabilities: ``p_u`` source for the personalised variants.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        tokenizer,
+        *,
+        method: str = "sft",
+        eos_token_id: int,
+        theta: float = 0.9995,
+        flow_loss: str = "subtb",
+        rewards: PopularityRewards | None = None,
+        reward_variant: str = "logp",
+        probabilities: ProbabilitySource | None = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if flow_loss not in FLOW_LOSSES:
+            raise ValueError(f"unknown flow_loss {flow_loss!r}; expected one of {FLOW_LOSSES}")
+        if method == "flower" and rewards is None:
+            raise ValueError("the flower method needs item rewards")
+        if method == "flower" and reward_variant != "logp" and probabilities is None:
+            raise ValueError(f"reward variant {reward_variant!r} needs item probabilities p_u")
+        sequences = catalog.item_tokens.sequences
+        if any(eos_token_id in s for s in sequences):
+            raise ValueError(
+                f"the EOS token {eos_token_id} occurs inside an item's token sequence: it cannot "
+                "terminate items"
+            )
+        self.catalog = catalog
+        self.tokenizer = tokenizer
+        self.method = method
+        self.eos = int(eos_token_id)
+        self.theta = float(theta)
+        self.flow_loss = flow_loss
+        self.rewards = rewards
+        self.reward_variant = reward_variant
+        self.probabilities = probabilities
+        # The loss trie: each item's sequence, then ⊤ = EOS; identical sequences share a leaf.
+        self.loss_trie = Trie.from_sequences(
+            [list(s) + [self.eos] for s in sequences], list(range(len(sequences)))
+        )
+        width = max(map(len, sequences))
+        self.item_tokens = torch.full((len(sequences), width), self.eos, dtype=torch.long)
+        for item, sequence in enumerate(sequences):
+            self.item_tokens[item, : len(sequence)] = torch.tensor(sequence)
+        self.item_lengths = catalog.lengths.clone()
+        self.max_length = width
+        self._device_state: dict[torch.device, dict[str, Any]] = {}
+        self._decoders: dict[int, TrieDecoder] = {}
+
+    @property
+    def sampled(self) -> bool:
+        """Whether a step samples trajectories (flower with the subtb flow loss)."""
+        return self.method == "flower" and self.flow_loss == "subtb"
+
+    def _on(self, device: torch.device) -> dict[str, Any]:
+        """The trie and item tables on ``device`` (moved once)."""
+        state = self._device_state.get(device)
+        if state is None:
+            state = {
+                "trie": self.loss_trie.to(device),
+                "item_tokens": self.item_tokens.to(device),
+                "item_lengths": self.item_lengths.to(device),
+            }
+            if self.method == "flower" and self.reward_variant == "logp":
+                # Popularity-only flows are the same for every user: computed once.
+                rewards = self.rewards.item_log_rewards("logp", device=device)
+                state["flows"] = state["trie"].log_flows(rewards)
+            self._device_state[device] = state
+        return state
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    def _decoder(self, model) -> TrieDecoder:
+        decoder = self._decoders.get(id(model))
+        if decoder is None:
+            decoder = TrieDecoder(
+                model, self.tokenizer, self.catalog, eos_token_id=self.eos, progress=False
+            )
+            self._decoders[id(model)] = decoder
+        return decoder
+
+    @torch.no_grad()
+    def rollout(
+        self, model, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """One trajectory per prompt from the current model (temperature 1, trie-constrained,
+        KV cache, left padding with the attention mask; dropout off): ``(actions [B, T],
+        lengths [B])``, each row an item's token sequence (without EOS), padded with EOS."""
+        generating = _unwrap(model)
+        was_training = generating.training
+        generating.eval()
+        try:
+            decoder = self._decoder(generating)
+            leaves = decoder.sample_leaves(
+                input_ids, attention_mask, max_new_tokens=self.max_length, generator=generator
+            )
+        finally:
+            generating.train(was_training)
+        if bool((leaves < 0).any()):  # pragma: no cover - max_length covers every item
+            raise RuntimeError("a rollout did not reach a complete item")
+        state = self._on(input_ids.device)
+        items = self.catalog.node_item[leaves].to(input_ids.device)
+        lengths = state["item_lengths"][items]
+        return state["item_tokens"][items, : int(lengths.max())], lengths
+
+    @staticmethod
+    def _generator(model, seed: int) -> torch.Generator:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        return generator
+
+    # -- teacher forcing ------------------------------------------------------------------
+
+    def teacher_forced_logits(
+        self,
+        model,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        continuations: Sequence[tuple[Tensor, Tensor]],
+    ) -> list[Tensor]:
+        """The model's logits at the states of each continuation of the prompts, with gradient.
+
+        ``continuations``: ``(tokens [B, W_j], lengths [B])`` each, right-padded token sequences
+        that follow the (left-padded) prompts. Returns, per continuation, ``[B, 1 + W_j, V]``:
+        position 0 holds the logits after the prompt (state s_0, shared by all), position k
+        those after the continuation's first k tokens.
+
+        One forward computes them all: the continuations are laid side by side after the prompt
+        and a 4-D mask lets each see the prompt and its own earlier tokens, at the positions it
+        would have alone. Attention implementations that take no custom 4-D mask (flash
+        attention) get one row per (prompt, continuation) instead. Only the logits from the last
+        prompt position on are computed where the model supports ``logits_to_keep``.
+        """
+        base = _unwrap(model)
+        implementation = getattr(base.config, "_attn_implementation", None)
+        if len(continuations) > 1 and implementation not in ("sdpa", "eager"):
+            return self._stacked_logits(model, base, input_ids, attention_mask, continuations)
+        prompt_width = input_ids.shape[1]
+        device = input_ids.device
+        prompt_lengths = attention_mask.sum(1, keepdim=True)
+        tokens = [input_ids]
+        positions = [(attention_mask.cumsum(1) - 1).clamp(min=0)]
+        segments = [torch.zeros(prompt_width, dtype=torch.long, device=device)]
+        valid = [attention_mask.bool()]
+        for index, (block, lengths) in enumerate(continuations, start=1):
+            steps = torch.arange(block.shape[1], device=device)
+            tokens.append(block)
+            positions.append(prompt_lengths + steps)
+            segments.append(torch.full_like(steps, index))
+            valid.append(steps.unsqueeze(0) < lengths.unsqueeze(1))
+        tokens, positions = torch.cat(tokens, 1), torch.cat(positions, 1)
+        segment, valid = torch.cat(segments), torch.cat(valid, 1)
+        if len(continuations) == 1:
+            mask = valid.long()  # prompt then one continuation: the usual causal + padding mask
+        else:
+            mask = self._continuation_mask(segment, valid, implementation, base)
+        logits = self._forward(model, base, tokens, mask, positions, tokens.shape[1] - prompt_width + 1)
+        out, start = [], 1
+        for block, _ in continuations:
+            width = block.shape[1]
+            if start == 1:
+                out.append(logits[:, : 1 + width])
+            else:
+                out.append(torch.cat([logits[:, :1], logits[:, start : start + width]], dim=1))
+            start += width
+        return out
+
+    @staticmethod
+    def _continuation_mask(segment: Tensor, valid: Tensor, implementation: str, base) -> Tensor:
+        """``[B, 1, L, L]`` mask: a query sees earlier valid keys of the prompt (segment 0) and
+        of its own segment, and always itself (so no row is empty)."""
+        length = segment.shape[0]
+        index = torch.arange(length, device=segment.device)
+        causal = index.unsqueeze(1) >= index.unsqueeze(0)
+        same = (segment.unsqueeze(0) == 0) | (segment.unsqueeze(0) == segment.unsqueeze(1))
+        allowed = (causal & same).unsqueeze(0) & valid.unsqueeze(1)
+        allowed |= torch.eye(length, dtype=torch.bool, device=segment.device).unsqueeze(0)
+        allowed = allowed.unsqueeze(1)
+        if implementation == "sdpa":
+            return allowed  # boolean: scaled_dot_product_attention takes it in any dtype
+        # eager attention adds the mask to the scores
+        dtype = next(base.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    def _stacked_logits(self, model, base, input_ids, attention_mask, continuations):
+        batch = input_ids.shape[0]
+        width = max(block.shape[1] for block, _ in continuations)
+        pad = self.eos
+        rows, masks = [], []
+        for block, lengths in continuations:
+            padded = torch.nn.functional.pad(block, (0, width - block.shape[1]), value=pad)
+            steps = torch.arange(width, device=block.device)
+            rows.append(torch.cat([input_ids, padded], 1))
+            masks.append(torch.cat([attention_mask, (steps < lengths.unsqueeze(1)).long()], 1))
+        mask = torch.cat(masks)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self._forward(model, base, torch.cat(rows), mask, positions, width + 1)
+        return [
+            logits[j * batch : (j + 1) * batch, : 1 + block.shape[1]]
+            for j, (block, _) in enumerate(continuations)
+        ]
+
+    @staticmethod
+    def _forward(model, base, input_ids, attention_mask, position_ids, keep: int) -> Tensor:
+        """Logits of the last ``keep`` positions, ``[B, keep, V]``."""
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
+        parameters = inspect.signature(base.forward).parameters
+        keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in parameters), None)
+        if keep_arg is not None:
+            kwargs[keep_arg] = keep
+        logits = model(**kwargs).logits
+        return logits[:, -keep:]
+
+    # -- the loss -------------------------------------------------------------------------
+
+    def log_flows(self, sample_index: Tensor, device: torch.device) -> Tensor:
+        """Node log-flows of the loss trie: ``[N]`` for popularity-only rewards, else ``[B, N]``
+        from each sample's personalised item rewards."""
+        state = self._on(device)
+        if "flows" in state:
+            return state["flows"]
+        probabilities = self.probabilities(sample_index)
+        rewards = self.rewards.item_log_rewards(
+            self.reward_variant, probabilities.to(device), device=device
+        )
+        return state["trie"].log_flows(rewards)
+
+    def __call__(self, model, inputs: Mapping[str, Tensor], *, seed: int | None = None) -> LossTerms:
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        targets, target_lengths = inputs["target_ids"], inputs["target_lengths"]
+        device = input_ids.device
+        continuations = [(targets, target_lengths)]
+        if self.sampled:
+            generator = None if seed is None else self._generator(_unwrap(model), seed)
+            actions, lengths = self.rollout(model, input_ids, attention_mask, generator)
+            continuations.append((actions, lengths))
+        logits = self.teacher_forced_logits(model, input_ids, attention_mask, continuations)
+
+        # SFT: the target's tokens then EOS, scored from the last prompt position on.
+        steps = torch.arange(targets.shape[1] + 1, device=device)
+        labels = torch.cat([targets, targets[:, :1]], dim=1)
+        labels = torch.where(steps == target_lengths.unsqueeze(1), self.eos, labels)
+        labels = torch.where(steps <= target_lengths.unsqueeze(1), labels, -100)
+        sft = losses.sft_loss(logits[0], labels)
+        if self.method == "sft":
+            return LossTerms(sft, sft)
+
+        trie = self._on(device)["trie"]
+        flows = self.log_flows(inputs["sample_index"], device)
+        if self.sampled:
+            path = torch.cat(
+                [torch.zeros_like(lengths[:, None], dtype=torch.int32), trie.walk(actions, lengths)],
+                dim=1,
+            )
+            log_rewards = losses.state_log_rewards(trie, flows, path, self.eos)
+            flow = losses.subtb_loss(logits[1], actions, log_rewards, lengths, self.eos)
+        else:
+            path = torch.cat(
+                [
+                    torch.zeros_like(target_lengths[:, None], dtype=torch.int32),
+                    trie.walk(targets, target_lengths),
+                ],
+                dim=1,
+            )
+            flow = losses.flow_matching_loss(logits[0], trie, flows, path)
+        return LossTerms(losses.flower_loss(sft, flow, self.theta), sft, flow, self.flow_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Trainer
+
+
+class FlowerTrainer(Trainer):
+    """:class:`transformers.Trainer` whose loss is a :class:`FlowerObjective`. The loss
+    parts (``sft``, ``subtb`` / ``flow_matching``) are averaged over the micro-batches since
+    the last log (and over processes) and logged beside ``loss``."""
+
+    def __init__(self, *args, objective: FlowerObjective, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number
+        # of gradient accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._parts: dict[str, list[Tensor]] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        seed = None
+        if self.objective.sampled:
+            seed = rollout_seed(self.args.seed, self.state.global_step, inputs["sample_index"])
+        terms = self.objective(model, inputs, seed=seed)
+        if model.training:
+            for name, value in terms.scalars().items():
+                self._parts.setdefault(name, []).append(value)
+        return (terms.loss, terms.scalars()) if return_outputs else terms.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._parts:
+            for name, values in sorted(self._parts.items()):
+                mean = torch.stack(values).float().mean()
+                logs[name] = round(float(self.accelerator.reduce(mean, "mean")), 6)
+            self._parts = {}
+        super().log(logs, start_time)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every Trainer log to a JSONL file (main process). On (re)start it drops the
+    lines past the step the run starts from, so a resumed run's file reads as an
+    uninterrupted run's."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if record.get("step", 0) <= state.global_step and "train_runtime" not in record:
+                    kept.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, **logs}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# model, probabilities, run folder
+
+
+def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_tokenizer: bool):
+    """The model and tokenizer to train. The tiny default's tokenizer is trained on the dataset
+    unless ``saved_tokenizer`` says to read the one in the run folder (a resumption, or a DDP
+    process other than the main one, which trained and saved it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import corpus, tiny_llama, train_tokenizer
+
+    if config.model is None:
+        if saved_tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(run_dir)
+        else:
+            tokenizer = train_tokenizer(corpus(dataset, config.domain), config.tiny_vocab_size)
+        model = tiny_llama(
+            tokenizer,
+            hidden_size=config.tiny_hidden_size,
+            num_layers=config.tiny_layers,
+            num_heads=config.tiny_heads,
+            seed=config.seed,
+        )
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    if tokenizer.eos_token_id is None:
+        raise TrainConfigError(f"the tokenizer of {config.model!r} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked: any token will do
+    tokenizer.padding_side = "left"
+    if config.lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise TrainConfigError("lora=True needs the peft package (pip install peft)") from None
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model, tokenizer
+
+
+def _probability_source(aux, num_samples: int, num_items: int) -> ProbabilitySource | None:
+    """``aux_probabilities`` as a function of sample indices (tables are checked here)."""
+    if aux is None:
+        return None
+    if callable(aux) and not isinstance(aux, Tensor):
+        return aux
+    if isinstance(aux, (str, os.PathLike)):
+        path = Path(aux)
+        if not path.is_file():
+            raise TrainConfigError(f"aux_probabilities file {str(path)!r} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+            if len(tensors) != 1:
+                raise TrainConfigError(
+                    f"{path} holds {len(tensors)} tensors; expected one [samples, items] tensor"
+                )
+            (aux,) = tensors.values()
+        else:
+            aux = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(aux, Tensor):
+        raise TrainConfigError(
+            f"aux_probabilities must be a tensor, a file or a callable, got {type(aux).__name__}"
+        )
+    if tuple(aux.shape) != (num_samples, num_items):
+        raise TrainConfigError(
+            f"aux_probabilities has shape {tuple(aux.shape)}; expected [{num_samples}, "
+            f"{num_items}] (training samples x items)"
+        )
+    table = aux.detach().float().cpu()
+
+    def lookup(sample_index: Tensor) -> Tensor:
+        return table[sample_index.cpu()]
+
+    return lookup
+
+
+def _prepare_run_dir(config: TrainConfig, run_dir: Path, check: bool) -> bool:
+    """Whether the run folder holds a checkpoint to resume from; with ``check`` (the main
+    process), also that the folder agrees with ``resume`` and the saved configuration."""
+    checkpoints = sorted((run_dir / CHECKPOINT_DIR).glob("checkpoint-*"))
+    if not check:
+        return bool(checkpoints) and config.resume
+    saved = run_dir / CONFIG_FILE
+    if not config.resume:
+        if saved.exists() or checkpoints:
+            raise TrainConfigError(
+                f"{run_dir} already holds a run: pass resume=True to continue it, or choose "
+                "another output folder"
+            )
+        return False
+    if saved.exists():
+        previous = json.loads(saved.read_text(encoding="utf-8"))
+        current = config.to_dict()
+        changed = sorted(
+            k for k in current
+            if k not in _RESUMABLE_FIELDS and previous.get(k) != current[k]
+        )
+        if changed:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise TrainConfigError(f"cannot resume {run_dir} with a different configuration ({details})")
+    if not checkpoints:
+        warnings.warn(f"resume: {run_dir} has no checkpoint yet; training starts from the beginning",
+                      stacklevel=3)
+    return bool(checkpoints)
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: mps, xpu, ...
+    return bool(accelerator is not None and accelerator.is_available())
+
+
+def _training_arguments(config: TrainConfig, run_dir: Path):
+    from transformers import TrainingArguments
+
+    accelerated = _has_accelerator()
+
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINT_DIR),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        lr_scheduler_type="linear",
+        bf16=config.bf16,
+        logging_steps=config.logging_steps,
+        logging_strategy="steps",
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="no",
+        seed=config.seed,
+        report_to="none",
+        disable_tqdm=not config.progress,
+        remove_unused_columns=False,  # the collator's tensors are not model arguments
+        dataloader_num_workers=0,
+        dataloader_pin_memory=accelerated,
+        use_cpu=not accelerated,  # bf16 autocast on a CPU-only machine needs it said
+        ddp_find_unused_parameters=False,
+        log_level="warning",
+    )
+
+
+def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
+    """Trains a recommender as ``config`` says and returns the run folder (see the module
+    docstring). ``callbacks``: extra :class:`transformers.TrainerCallback` objects."""
+    config.validate()
+    run_dir = Path(config.out)
+    dataset = load_dataset(config.data)
+    rewards = probabilities = None
+    if config.method == "flower":
+        rewards = PopularityRewards.from_dataset(dataset, config.floor_count)
+        if config.needs_probabilities:
+            probabilities = _probability_source(
+                config.aux_probabilities, len(dataset.train), dataset.num_items
+            )
+        logger.info("%d titles without a training-history count get the floor count %s",
+                    rewards.num_floored, config.floor_count)
+
+    args = _training_arguments(config, run_dir)  # sets up the process group under torchrun
+    main = args.process_index == 0
+    has_checkpoint = _prepare_run_dir(config, run_dir, check=main)
+    # The main process prepares the run folder first (the configuration; the tiny model's
+    # tokenizer, which the other processes then read, so that every process has the same one).
+    with args.main_process_first(local=False, desc="preparing the run folder"):
+        model, tokenizer = _load_model(
+            config, dataset, run_dir, saved_tokenizer=has_checkpoint or not main
+        )
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(config.to_dict(), indent=2) + "\n"
+            (run_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
+            if config.model is None:
+                tokenizer.save_pretrained(run_dir)
+    catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], config.domain))
+    encoded = encode_samples(dataset, "train", tokenizer, catalog, config.domain)
+    objective = FlowerObjective(
+        catalog,
+        tokenizer,
+        method=config.method,
+        eos_token_id=tokenizer.eos_token_id,
+        theta=config.theta,
+        flow_loss=config.flow_loss,
+        rewards=rewards,
+        reward_variant=config.reward,
+        probabilities=probabilities,
+    )
+
+    all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]
+    if config.tensorboard and main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:
+            raise TrainConfigError("tensorboard=True needs the tensorboard package") from None
+        all_callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))))
+    trainer = FlowerTrainer(
+        model=model,
+        args=args,
+        train_dataset=_SampleSet(encoded),
+        data_collator=RecommendationCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=all_callbacks,
+        objective=objective,
+    )
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        if config.lora:
+            final = final.merge_and_unload()  # a plain model that `evaluate` loads without peft
+        final.save_pretrained(run_dir)
+        tokenizer.save_pretrained(run_dir)
+    trainer.accelerator.wait_for_everyone()
+    return run_dir

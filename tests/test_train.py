@@ -1,0 +1,467 @@
+"""Training (flower_rec.train): the objective's pieces, the losses going down, run folders,
+resumption after a crash or a SIGKILL, bad configurations, LoRA, bf16 and 2-process DDP.
+
+Everything runs a 1-layer, 32-wide Llama on a 60-item synthetic catalog, one thread (the CI
+machines' 2 cores are shared; torch's default of 2 threads is slower there)."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from flower_rec.decoding import Catalog
+from flower_rec.evaluate import evaluate
+from flower_rec.models import corpus, tiny_llama, train_tokenizer
+from flower_rec.prepare import prepare_synthetic
+from flower_rec.prompts import build_prompt
+from flower_rec.rewards import PopularityRewards
+from flower_rec.train import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    FlowerObjective,
+    RecommendationCollator,
+    TrainConfig,
+    TrainConfigError,
+    encode_samples,
+    train,
+)
+
+TINY = {"tiny_hidden_size": 32, "tiny_layers": 1, "tiny_heads": 2}
+# Keys of the final summary line that depend on wall time or on the session (a resumed run's
+# train_loss averages its own steps only).
+SESSION_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    prepare_synthetic(path, items=60, users=300, seed=0, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+    from flower_rec.data import load_dataset
+
+    return load_dataset(data_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(dataset):
+    return train_tokenizer(corpus(dataset))
+
+
+@pytest.fixture(scope="module")
+def catalog(dataset, tokenizer) -> Catalog:
+    return Catalog.from_titles(dataset.titles, tokenizer, build_prompt([]))
+
+
+@pytest.fixture(scope="module")
+def batch(dataset, tokenizer, catalog):
+    encoded = encode_samples(dataset, "train", tokenizer, catalog)
+    features = [
+        {"sample_index": i, "prompt": encoded.prompts[i], "target": encoded.targets[i]}
+        for i in range(0, 160, 10)
+    ]
+    return RecommendationCollator(tokenizer.pad_token_id)(features)
+
+
+def new_model(tokenizer, layers=1, seed=0):
+    return tiny_llama(tokenizer, hidden_size=32, num_layers=layers, num_heads=2, seed=seed)
+
+
+def objective(dataset, tokenizer, catalog, **options) -> FlowerObjective:
+    options.setdefault("eos_token_id", tokenizer.eos_token_id)
+    if options.get("method") == "flower":
+        options.setdefault("rewards", PopularityRewards.from_dataset(dataset))
+    return FlowerObjective(catalog, tokenizer, **options)
+
+
+def fake_probabilities(num_samples: int, num_items: int, seed: int = 0) -> torch.Tensor:
+    """A peaked p_u per sample, like a sequential recommender's softmax."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(num_samples, num_items, generator=generator), dim=1)
+
+
+# -- the pieces -------------------------------------------------------------------------------
+
+
+def test_collator_pads_prompts_left_and_targets_right(batch, tokenizer):
+    pad = tokenizer.pad_token_id
+    mask, ids = batch["attention_mask"], batch["input_ids"]
+    assert (mask.sum(1) > 0).all() and (mask[:, -1] == 1).all()  # left padding
+    assert (ids[mask == 0] == pad).all()
+    steps = torch.arange(batch["target_ids"].shape[1])
+    assert (batch["target_ids"][steps >= batch["target_lengths"][:, None]] == pad).all()
+    assert batch["sample_index"].tolist() == list(range(0, 160, 10))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_teacher_forced_logits_equal_single_sequence_forwards(
+    dataset, tokenizer, catalog, batch, implementation
+):
+    model = new_model(tokenizer, layers=2)
+    model.set_attn_implementation(implementation)
+    loss = objective(dataset, tokenizer, catalog)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    actions, lengths = loss.rollout(model, ids, mask, torch.Generator().manual_seed(0))
+    continuations = [(batch["target_ids"], batch["target_lengths"]), (actions, lengths)]
+    with torch.no_grad():
+        packed = loss.teacher_forced_logits(model, ids, mask, continuations)
+        stacked = loss._stacked_logits(model, model, ids, mask, continuations)
+        for j, (tokens, token_lengths) in enumerate(continuations):
+            for row in range(ids.shape[0]):
+                prompt = ids[row][mask[row].bool()]
+                sequence = torch.cat([prompt, tokens[row, : token_lengths[row]]])
+                expected = model(sequence[None]).logits[0, len(prompt) - 1 :]
+                states = int(token_lengths[row]) + 1
+                torch.testing.assert_close(packed[j][row, :states], expected, atol=2e-5, rtol=0)
+                torch.testing.assert_close(stacked[j][row, :states], expected, atol=2e-5, rtol=0)
+
+
+def test_sft_term_is_the_cross_entropy_of_title_and_eos(dataset, tokenizer, catalog, batch):
+    model = new_model(tokenizer)
+    terms = objective(dataset, tokenizer, catalog)(model, batch)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(batch["input_ids"].shape[0]):
+            prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+            target = batch["target_ids"][row, : batch["target_lengths"][row]]
+            labels = torch.cat([target, torch.tensor([tokenizer.eos_token_id])])
+            logits = model(torch.cat([prompt, target])[None]).logits[0, len(prompt) - 1 :]
+            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            count += len(labels)
+    assert terms.sft.item() == pytest.approx(total / count, rel=1e-5)
+    assert terms.flow is None and terms.loss is terms.sft
+
+
+def test_rollouts_are_catalog_items_ending_with_eos(dataset, tokenizer, catalog, batch):
+    model = new_model(tokenizer)
+    loss = objective(dataset, tokenizer, catalog)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    actions, lengths = loss.rollout(model, ids, mask, torch.Generator().manual_seed(1))
+    sequences = {tuple(s) for s in catalog.item_tokens.sequences}
+    eos = tokenizer.eos_token_id
+    with_eos = torch.cat([actions, torch.full_like(actions[:, :1], eos)], dim=1)
+    with_eos[torch.arange(len(lengths)), lengths] = eos
+    nodes = loss.loss_trie.walk(with_eos, lengths + 1)
+    leaves = nodes[torch.arange(len(lengths)), lengths]
+    child_count = loss.loss_trie.child_ptr.diff()
+    for row in range(len(lengths)):
+        assert tuple(actions[row, : lengths[row]].tolist()) in sequences
+        assert leaves[row] >= 0 and child_count[leaves[row]] == 0  # a leaf: item + EOS
+    assert model.training  # the rollout restores the mode it found
+    again, _ = loss.rollout(model, ids, mask, torch.Generator().manual_seed(1))
+    assert torch.equal(actions, again)
+    assert not any(
+        torch.equal(actions, loss.rollout(model, ids, mask, torch.Generator().manual_seed(s))[0])
+        for s in (2, 3)
+    )
+
+
+def test_personalised_flows_are_exact_per_sample(dataset, tokenizer, catalog, batch):
+    p = fake_probabilities(len(dataset.train), dataset.num_items)
+    loss = objective(
+        dataset, tokenizer, catalog, method="flower", reward_variant="logp_div_s",
+        probabilities=lambda index: p[index],
+    )
+    flows = loss.log_flows(batch["sample_index"], torch.device("cpu"))
+    assert flows.shape == (batch["input_ids"].shape[0], loss.loss_trie.num_nodes)
+    rewards = loss.rewards.item_log_rewards("logp_div_s", p[batch["sample_index"]])
+    torch.testing.assert_close(flows[:, 0], torch.logsumexp(rewards, dim=1))
+    # An item with a title of its own: its leaf's flow is exactly its personalised reward.
+    item = next(i for i, t in enumerate(dataset.titles) if dataset.titles.count(t) == 1)
+    leaf = loss.loss_trie.item_node[item]
+    torch.testing.assert_close(flows[:, leaf], rewards[:, item])
+
+
+CASES = {
+    "sft": {"method": "sft"},
+    "flower-logp": {"method": "flower", "reward_variant": "logp"},
+    "flower-logp_div_s": {"method": "flower", "reward_variant": "logp_div_s"},
+    "flower-logp_add_logs": {"method": "flower", "reward_variant": "logp_add_logs"},
+    "flow_matching": {"method": "flower", "reward_variant": "logp", "flow_loss": "flow_matching"},
+    "subtb-alone": {"method": "flower", "reward_variant": "logp_div_s", "theta": 0.0},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_decreases_on_a_fixed_batch(dataset, tokenizer, catalog, batch, case):
+    options = {"theta": 0.5, **CASES[case]}
+    p = fake_probabilities(len(dataset.train), dataset.num_items)
+    loss = objective(dataset, tokenizer, catalog, probabilities=lambda index: p[index], **options)
+    model = new_model(tokenizer)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def value(terms):
+        return (terms.flow if options["theta"] == 0.0 else terms.loss).item()
+
+    with torch.no_grad():
+        before = value(loss(model, batch, seed=0))
+    for step in range(30):
+        terms = loss(model, batch, seed=step + 1)
+        optimizer.zero_grad()
+        terms.loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = value(loss(model, batch, seed=0))
+    assert after < 0.8 * before, (before, after)
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def config(data_dir, out, **options) -> TrainConfig:
+    values = {
+        **TINY, "data": data_dir, "out": out, "batch_size": 8, "logging_steps": 1,
+        "save_steps": 3, "max_steps": 6, "warmup_steps": 2, "progress": False, **options,
+    }
+    return TrainConfig(**values)
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in SESSION_KEYS} for line in lines]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(run_dir).state_dict()
+
+
+def test_sft_run_folder_reloads_for_evaluation(data_dir, dataset, tmp_path):
+    run = train(config(data_dir, tmp_path / "run"))
+    assert json.loads((run / CONFIG_FILE).read_text())["method"] == "sft"
+    lines = metric_lines(run)
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4, 5, 6]
+    assert all("sft" in line for line in lines if "loss" in line)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    model = AutoModelForCausalLM.from_pretrained(run).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    evaluation = evaluate(model, tokenizer, dataset, limit=4, progress=False)
+    assert len(evaluation.recommendations) == 4
+    assert all(len(r) == 10 for r in evaluation.recommendations)
+
+
+class Crash(TrainerCallback):
+    """Fails (in-process) or SIGKILLs the run at the end of optimizer step ``step``."""
+
+    def __init__(self, step: int, kill: bool = False):
+        self.step, self.kill = step, kill
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("simulated crash")
+
+
+class Steps(TrainerCallback):
+    """Records the optimizer steps a session runs."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+FLOWER = {"method": "flower", "reward": "logp", "theta": 0.9}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    """A flower (subtb) run of 6 steps with checkpoints at 3 and 6."""
+    return train(config(data_dir, tmp_path_factory.mktemp("runs") / "whole", **FLOWER))
+
+
+def assert_same_run(resumed: Path, whole: Path) -> None:
+    assert metric_lines(resumed) == metric_lines(whole)
+    expected = weights(whole)
+    for name, tensor in weights(resumed).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(data_dir, tmp_path, uninterrupted):
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(data_dir, out, **FLOWER), callbacks=[Crash(5)])
+    assert max(line["step"] for line in metric_lines(out)) == 4  # logs past the checkpoint
+    session = Steps()
+    assert train(config(data_dir, out, resume=True, **FLOWER), callbacks=[session]) == out
+    assert session.steps == [4, 5, 6]  # from checkpoint-3
+    assert_same_run(out, uninterrupted)
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    options = {**config(data_dir, out, **FLOWER).to_dict()}
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import Crash
+        from flower_rec.train import TrainConfig, train
+        train(TrainConfig(**json.loads(sys.argv[1])), callbacks=[Crash(5, kill=True)])
+        """
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(options)], capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (out / "model.safetensors").exists()
+    session = Steps()
+    train(config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
+    assert session.steps == [4, 5, 6]
+    assert_same_run(out, uninterrupted)
+
+
+def test_resume_without_a_checkpoint_starts_over(data_dir, tmp_path):
+    out = tmp_path / "early"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(data_dir, out, save_steps=100), callbacks=[Crash(2)])
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        train(config(data_dir, out, save_steps=100, resume=True))
+    assert [line["step"] for line in metric_lines(out) if "loss" in line] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "flower", "reward": "logp_div_s"},
+        {"method": "flower", "reward": "logp_add_logs", "flow_loss": "flow_matching"},
+    ],
+)
+def test_personalised_runs_take_probabilities_from_a_file(data_dir, dataset, tmp_path, options):
+    path = tmp_path / "p.pt"
+    torch.save(fake_probabilities(len(dataset.train), dataset.num_items), path)
+    run = train(config(data_dir, tmp_path / "run", max_steps=2, aux_probabilities=str(path),
+                       **options))
+    lines = [line for line in metric_lines(run) if "loss" in line]
+    assert all(options.get("flow_loss", "subtb") in line for line in lines)
+    assert json.loads((run / CONFIG_FILE).read_text())["aux_probabilities"] == str(path)
+
+
+def test_gradient_accumulation_and_tensorboard(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = train(config(data_dir, tmp_path / "run", max_steps=2, gradient_accumulation_steps=2,
+                       tensorboard=True, **FLOWER))
+    lines = [line for line in metric_lines(run) if "loss" in line]
+    assert [line["step"] for line in lines] == [1, 2]
+    # 2 micro-batches of 8 per step: the loss is their mean, as are its parts.
+    for line in lines:
+        assert line["loss"] == pytest.approx(0.9 * line["sft"] + 0.1 * line["subtb"], rel=1e-4)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_fine_tunes_a_model_from_a_local_path(data_dir, tmp_path):
+    base = train(config(data_dir, tmp_path / "base", max_steps=1))
+    run = train(config(data_dir, tmp_path / "next", max_steps=2, model=str(base), **FLOWER))
+    assert AutoTokenizer.from_pretrained(run).get_vocab() == AutoTokenizer.from_pretrained(
+        base
+    ).get_vocab()
+    assert [line["step"] for line in metric_lines(run) if "loss" in line] == [1, 2]
+
+
+def test_lora_run_saves_a_merged_model(data_dir, tmp_path):
+    pytest.importorskip("peft")
+    run = train(config(data_dir, tmp_path / "lora", max_steps=2, lora=True, lora_r=4,
+                       learning_rate=1e-2, **FLOWER))
+    assert not (run / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(run)
+    assert not any("lora" in name for name in model.state_dict())
+
+
+def test_bf16_run(data_dir, tmp_path):
+    run = train(config(data_dir, tmp_path / "bf16", max_steps=2, bf16=True, **FLOWER))
+    lines = [line for line in metric_lines(run) if "loss" in line]
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
+
+
+def test_ddp_two_processes(data_dir, dataset, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same code, 4 steps of flower."""
+    out = tmp_path / "ddp"
+    options = config(data_dir, out, max_steps=4, save_steps=2, **FLOWER).to_dict()
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys\nfrom flower_rec.train import TrainConfig, train\n"
+        "train(TrainConfig(**json.loads(sys.argv[1])))\n"
+    )
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not found")
+    process = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), json.dumps(options)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    lines = [line for line in metric_lines(out) if "loss" in line]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert all("subtb" in line for line in lines)
+    # 2 processes x batch 8 samples per optimizer step.
+    assert lines[-1]["epoch"] == pytest.approx(4 / math.ceil(len(dataset.train) / 16))
+    assert (out / "model.safetensors").exists()
+
+
+# -- bad configurations -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "rl"}, "unknown method 'rl'"),
+        ({"method": "flower", "theta": 1.5}, r"theta must lie in \[0, 1\]"),
+        ({"method": "flower", "reward": "logp_div_s"}, "needs aux_probabilities"),
+        ({"reward": "popularity"}, "unknown reward"),
+        ({"flow_loss": "tb"}, "unknown flow_loss"),
+        ({"floor_count": 0}, "floor_count must be a positive number"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"domain": "books"}, "unknown domain"),
+    ],
+)
+def test_bad_configs(data_dir, tmp_path, options, message):
+    with pytest.raises(TrainConfigError, match=message):
+        train(config(data_dir, tmp_path / "run", **options))
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(TrainConfigError, match="data folder .* does not exist"):
+        train(config(tmp_path / "nowhere", tmp_path / "run"))
+
+
+def test_unknown_config_key():
+    with pytest.raises(TrainConfigError, match="unknown training option"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "learning_rat": 1e-3})
+
+
+def test_existing_run_needs_resume_and_the_same_config(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(config(data_dir, out, max_steps=1))
+    with pytest.raises(TrainConfigError, match="already holds a run"):
+        train(config(data_dir, out, max_steps=1))
+    with pytest.raises(TrainConfigError, match=r"different configuration \(learning_rate"):
+        train(config(data_dir, out, max_steps=1, resume=True, learning_rate=1e-3))
+
+
+def test_probability_table_of_the_wrong_shape(data_dir, dataset, tmp_path):
+    with pytest.raises(TrainConfigError, match="aux_probabilities has shape"):
+        train(config(data_dir, tmp_path / "run", method="flower",
+                     aux_probabilities=torch.ones(3, dataset.num_items)))
