@@ -65,3 +65,35 @@ def test_help_names_every_command(capsys):
         main(["--help"])
     help_text = capsys.readouterr().out
     assert all(command in help_text for command in ("prepare", "stats", "evaluate"))
+
+
+def test_train_from_yaml_with_overrides_then_evaluate(dataset_dir, tmp_path):
+    """`train` reads a YAML config, flags override it, and the run folder evaluates offline."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {dataset_dir}\nmethod: sft\nmax_steps: 50\nbatch_size: 4\nprogress: false\n"
+        "tiny_hidden_size: 32\ntiny_layers: 1\ntiny_heads: 2\ntiny_vocab_size: 400\n"
+    )
+    run = tmp_path / "run"
+    args = ["train", "--config", str(config), "--out", str(run), "--method", "flower",
+            "--reward", "logp", "--max-steps", "2", "--save-steps", "1"]
+    assert main(args) == 0
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["method"], saved["max_steps"], saved["batch_size"]) == ("flower", 2, 4)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
+
+    out = tmp_path / "eval"
+    target = tmp_path / "target.json"
+    titles = load_dataset(dataset_dir).titles
+    target.write_text(json.dumps({titles[0]: 3, titles[1]: 1}))
+    assert main(["evaluate", "--data", str(dataset_dir), "--model", str(run), "--mode", "sample",
+                 "--k", "1", "--limit", "4", "--target-distribution", str(target),
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["invalid_outputs"] == 0 and metrics["JS"] >= 0.0
+
+
+def test_train_rejects_bad_configuration(dataset_dir, tmp_path, capsys):
+    args = ["train", "--data", str(dataset_dir), "--out", str(tmp_path / "run"), "--theta", "2"]
+    assert main(args) == 2
+    assert "theta" in capsys.readouterr().err

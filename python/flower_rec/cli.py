@@ -62,9 +62,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    target = None
+    if args.target_distribution:
+        target = json.loads(Path(args.target_distribution).read_text(encoding="utf-8"))
     evaluation = evaluate(
         model, tokenizer, dataset, split=args.split, mode=args.mode, k=args.k,
         domain=args.domain, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+        temperature=args.temperature, target_distribution=target,
     )
     config = {key: value for key, value in vars(args).items() if key != "handler"}
     path = write_evaluation(evaluation, args.out, f"{args.mode} ({Path(args.model).name})", config)
@@ -116,6 +120,43 @@ def _train_aux(args: argparse.Namespace) -> int:
         )
         print(f"{name:>8}  {row}")
     print(f"wrote {out / 'model.safetensors'}, {out / 'config.json'}, {out / 'report.json'}")
+    return 0
+
+
+def _aux_probabilities(aux_dir: str, dataset):
+    """p_u of the training samples from a `flower-rec train-aux` model, as a function of sample
+    indices (computed per batch, so the [samples, items] table is never held in memory)."""
+    from .sasrec import SASRec, item_probabilities
+
+    model = SASRec.load(aux_dir)
+
+    def probabilities(indices):
+        return item_probabilities(model, [dataset.train[int(i)] for i in indices])
+
+    return probabilities
+
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .data import load_dataset
+    from .train import TrainConfig, train
+
+    options = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            options = yaml.safe_load(handle) or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"{args.config}: expected a mapping of training options")
+    overrides = {
+        key: value for key, value in vars(args).items()
+        if value is not None and key not in ("command", "handler", "config", "aux")
+    }
+    options.update(overrides)
+    if args.aux:
+        options["aux_probabilities"] = _aux_probabilities(args.aux, load_dataset(options["data"]))
+    run = train(TrainConfig.from_dict(options))
+    print(f"wrote {run}")
     return 0
 
 
@@ -186,6 +227,45 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import DECODING_MODES
     from .prompts import DOMAINS
 
+    training = commands.add_parser(
+        "train",
+        help="fine-tune a causal LM recommender with SFT or Flower",
+        description="Fine-tunes a Hugging Face causal LM (default: a tiny Llama-style model with "
+        "a BPE tokenizer trained on the dataset) on transformers.Trainer. sft is the BIGRec "
+        "baseline; flower adds (1 - theta) x modified sub-trajectory balance on one on-policy "
+        "trie rollout per sample (or teacher-forced flow matching). Checkpoints every "
+        "--save-steps; --resume continues an interrupted run. Options may also come from a "
+        "YAML file (--config); command-line flags override it.",
+    )
+    training.add_argument("--config", help="YAML file of training options (TrainConfig fields)")
+    training.add_argument("--data", help="dataset folder")
+    training.add_argument("--out", help="run folder (model, tokenizer, metrics.jsonl, checkpoints)")
+    training.add_argument("--method", choices=("sft", "flower"))
+    training.add_argument("--flow-loss", dest="flow_loss", choices=("subtb", "flow_matching"))
+    training.add_argument("--model", help="local folder or hub id (default: the tiny model)")
+    training.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters")
+    training.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    training.add_argument("--theta", type=float, help="weight of SFT (default 0.9995)")
+    training.add_argument(
+        "--reward", choices=("logp", "logp_div_s", "logp_add_logs"),
+        help="item reward variant (logp_div_s, the paper's default, needs --aux)",
+    )
+    training.add_argument("--aux", help="a train-aux output folder (SASRec giving p_u)")
+    training.add_argument("--floor-count", dest="floor_count", type=float,
+                          help="popularity count of titles never in a training history")
+    training.add_argument("--domain", choices=sorted(DOMAINS), help="wording of the prompt")
+    training.add_argument("--lr", dest="learning_rate", type=float, help="learning rate")
+    training.add_argument("--epochs", type=float, help="training epochs")
+    training.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N steps")
+    training.add_argument("--batch-size", dest="batch_size", type=int, help="samples per step")
+    training.add_argument("--save-steps", dest="save_steps", type=int, help="checkpoint interval")
+    training.add_argument("--seed", type=int, help="random seed")
+    training.add_argument("--resume", action="store_true", default=None,
+                          help="continue from the run folder's last checkpoint")
+    training.add_argument("--tensorboard", action="store_true", default=None,
+                          help="also write TensorBoard event files")
+    training.set_defaults(handler=_train)
+
     evaluation = commands.add_parser(
         "evaluate",
         help="decode a split with a model and compute every metric",
@@ -207,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--limit", type=int, help="evaluate the first N samples only")
     evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     evaluation.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
+    evaluation.add_argument("--temperature", type=float, default=1.0, help="of sampled decoding")
+    evaluation.add_argument(
+        "--target-distribution",
+        help="JSON {title: count} to compare the recommended titles with (KL(m||b), KL(b||m), JS)",
+    )
     evaluation.add_argument("--out", required=True, help="output folder (created)")
     evaluation.set_defaults(handler=_evaluate)
 
