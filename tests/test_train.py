@@ -323,9 +323,11 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, tmp_pat
         train(TrainConfig(**json.loads(sys.argv[1])), callbacks=[Crash(5, kill=True)])
         """
     )
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, where the source
+    # folder flower_ext/ (no compiled module in a non-editable install) would shadow the package.
     process = subprocess.run(
         [sys.executable, "-c", script, json.dumps(options)], capture_output=True, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=tmp_path,
     )
     assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
     assert (out / "checkpoints" / "checkpoint-3").is_dir()
