@@ -750,3 +750,14 @@ def train_sasrec(
         "train_seconds": time.perf_counter() - started,
     }
     return model, report
+
+
+def training_probabilities(model: SASRec, dataset: Dataset):
+    """p_u of the training samples as a function of sample indices, the form
+    ``TrainConfig.aux_probabilities`` takes: computed per batch, so the [samples, items] table
+    is never held in memory."""
+
+    def probabilities(indices):
+        return item_probabilities(model, [dataset.train[int(i)] for i in indices])
+
+    return probabilities
