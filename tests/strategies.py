@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import flower_ext
 import torch
-from flower_ext import Trie
+from flower_ext import Trie, reference
 from flower_ext.reference import ReferenceTrie
 from hypothesis import strategies as st
 from torch import Tensor
@@ -138,6 +138,18 @@ def item_paths(draw, catalog: Catalog, ref: ReferenceTrie, batch: int) -> tuple[
             path_nodes[b, depth] = ref.node_of[tuple(prefix[:depth])]
     lengths = torch.tensor([len(p) for p in prefixes], dtype=torch.int64)
     return path_nodes, lengths
+
+
+@st.composite
+def paths_and_flows(
+    draw, catalog: Catalog, ref: ReferenceTrie, batch: int, dtype: torch.dtype, per_row: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`item_paths` and reference log-flows to score them with: ``[B, N]`` per-row flows
+    or ``[N]`` flows shared by every row."""
+    path_nodes, lengths = draw(item_paths(catalog, ref, batch))
+    shape = (batch, ref.num_items) if per_row else (ref.num_items,)
+    flows = reference.log_flows(ref, draw(log_reward_tensors(shape, dtype)))
+    return path_nodes, lengths, flows
 
 
 def finite_or_zero(*tensors: Tensor) -> tuple[Tensor, ...]:

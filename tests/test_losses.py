@@ -16,8 +16,7 @@ from strategies import (
     SMALL_VOCAB,
     build,
     catalogs,
-    item_paths,
-    log_reward_tensors,
+    paths_and_flows,
     seeded,
 )
 
@@ -220,9 +219,9 @@ def test_state_log_rewards_by_hand():
 )
 def test_state_log_rewards(device, catalog, batch, dtype, per_row_flows, data):
     trie, ref = build(catalog, device)
-    path_nodes, lengths = data.draw(item_paths(catalog, ref, batch))
-    shape = (batch, ref.num_items) if per_row_flows else (ref.num_items,)
-    flows = ref_ops.log_flows(ref, data.draw(log_reward_tensors(shape, dtype)))
+    path_nodes, lengths, flows = data.draw(
+        paths_and_flows(catalog, ref, batch, dtype, per_row_flows)
+    )
     got = losses.state_log_rewards(
         trie, flows.to(device), path_nodes.to(device), catalog.termination_token
     )
@@ -270,9 +269,9 @@ def test_state_log_rewards_gradcheck(per_row_flows, zero_rewards):
 )
 def test_flow_matching_loss(device, catalog, batch, dtype, logits_dtype, per_row_flows, data):
     trie, ref = build(catalog, device)
-    path_nodes, _ = data.draw(item_paths(catalog, ref, batch))
-    shape = (batch, ref.num_items) if per_row_flows else (ref.num_items,)
-    flows = ref_ops.log_flows(ref, data.draw(log_reward_tensors(shape, dtype)))
+    path_nodes, _, flows = data.draw(
+        paths_and_flows(catalog, ref, batch, dtype, per_row_flows)
+    )
     logits = seeded(data.draw(SEEDS), (*path_nodes.shape, SMALL_VOCAB), logits_dtype)
     logits, flows = requiring_grad(logits, flows)
     got = losses.flow_matching_loss(

@@ -17,9 +17,9 @@ from strategies import (
     build,
     catalogs,
     finite_or_zero,
-    item_paths,
     log_reward_tensors,
     node_id_lists,
+    paths_and_flows,
     seeded,
     token_rows,
 )
@@ -239,9 +239,9 @@ def test_children(device, catalog, batch, dtype, data):
 )
 def test_transition_log_probs(device, catalog, batch, dtype, index_dtype, per_row_flows, data):
     trie, ref = build(catalog, device)
-    path_nodes, _ = data.draw(item_paths(catalog, ref, batch))
-    shape = (batch, ref.num_items) if per_row_flows else (ref.num_items,)
-    flows = ref_ops.log_flows(ref, data.draw(log_reward_tensors(shape, dtype)))
+    path_nodes, _, flows = data.draw(
+        paths_and_flows(catalog, ref, batch, dtype, per_row_flows)
+    )
     step, termination = trie.transition_log_probs(
         flows.to(device), path_nodes.to(index_dtype).to(device), catalog.termination_token
     )
