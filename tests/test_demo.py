@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+
 from flower_rec.cli import main
-from flower_rec.demo import COLUMNS, DECODINGS
+from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, run_demo
+from flower_rec.prepare import prepare_synthetic
 
 
 def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, capsys):
@@ -21,7 +24,28 @@ def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, 
     assert (out / "groups.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "runs" / "flower" / "metrics.jsonl").read_text().count('"subtb"') > 0
 
-    trained = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/model*.safetensors")}
+    done = [*out.glob("runs/*/model*.safetensors"), *out.glob("runs/*/evaluation-*.json")]
+    trained = {path: path.stat().st_mtime_ns for path in done}
     assert main(["demo", "--quick", "--eval-limit", "40", "--out", str(out)]) == 0
-    assert {path: path.stat().st_mtime_ns for path in trained} == trained  # not retrained
+    assert {path: path.stat().st_mtime_ns for path in trained} == trained  # not redone
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+
+
+def test_demo_runs_on_a_given_dataset_folder_with_its_own_variants(tmp_path):
+    data = tmp_path / "data"
+    prepare_synthetic(data, items=60, users=300, seed=1, progress=False)
+    config = DemoConfig(out=str(tmp_path / "out"), data=str(data), quick=True, eval_limit=12)
+    variants = [Variant("sft-a"), Variant("fm", "flower", 0.9, "logp", "flow_matching", seed=3)]
+    report = run_demo(config, variants)
+    assert not (tmp_path / "out" / "data").exists()  # the given folder is used as it is
+    assert list(report["results"]) == [f"{v}, {d}" for v in ("sft-a", "fm") for d in DECODINGS]
+    assert report["variants"][1]["flow_loss"] == "flow_matching"
+    metrics = (tmp_path / "out" / "runs" / "fm" / "metrics.jsonl").read_text()
+    assert '"flow_matching"' in metrics
+    evaluation = tmp_path / "out" / "runs" / "fm" / "evaluation-beam.json"
+    assert json.loads(evaluation.read_text())["setting"]["limit"] == 12
+
+
+def test_demo_rejects_two_variants_with_one_name(tmp_path):
+    with pytest.raises(ValueError, match="unique"):
+        run_demo(DemoConfig(out=str(tmp_path)), [Variant("a"), Variant("a", "flower")])

@@ -69,6 +69,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         model, tokenizer, dataset, split=args.split, mode=args.mode, k=args.k,
         domain=args.domain, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
         temperature=args.temperature, target_distribution=target,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
     config = {key: value for key, value in vars(args).items() if key != "handler"}
     path = write_evaluation(evaluation, args.out, f"{args.mode} ({Path(args.model).name})", config)
@@ -144,7 +145,10 @@ def _train(args: argparse.Namespace) -> int:
         from .sasrec import SASRec, training_probabilities
 
         dataset = load_dataset(options["data"])
-        options["aux_probabilities"] = training_probabilities(SASRec.load(args.aux), dataset)
+        aux = SASRec.load(args.aux)
+        options["aux_probabilities"] = training_probabilities(aux, dataset)
+        if options.get("eval_steps") is not None:  # validation samples have p_u of their own
+            options["valid_aux_probabilities"] = training_probabilities(aux, dataset, "valid")
     run = train(TrainConfig.from_dict(options))
     print(f"wrote {run}")
     return 0
@@ -155,8 +159,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     return main_demo(
         DemoConfig(
-            out=args.out, quick=args.quick, seed=args.seed, epochs=args.epochs,
-            theta=args.theta, reward=args.reward, eval_limit=args.eval_limit,
+            out=args.out, data=args.data, domain=args.domain, quick=args.quick, seed=args.seed,
+            epochs=args.epochs, theta=args.theta, reward=args.reward, eval_limit=args.eval_limit,
         )
     )
 
@@ -169,22 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .demo import DemoConfig
+    from .evaluate import DECODING_MODES
+    from .prompts import DOMAINS
+    from .rewards import REWARD_VARIANTS
+
     demo = commands.add_parser(
         "demo",
-        help="SFT vs Flower end to end on the synthetic dataset (the main job)",
-        description="Prepares the synthetic dataset, trains SASRec (p_u), fine-tunes the tiny "
-        "default model with SFT and with Flower, evaluates both on the test split with beam "
+        help="SFT vs Flower end to end on the synthetic dataset or yours (the main job)",
+        description="Prepares the synthetic dataset (or reads --data), trains SASRec (p_u), "
+        "fine-tunes the tiny default model with SFT and with Flower, evaluates both on the test split with beam "
         "search and sampled top-K, prints one side-by-side table and writes report.json and "
         "groups.png. Stages already done in --out are skipped, so a rerun continues.",
     )
     demo.add_argument("--out", default="flower-demo", help="output folder (default: flower-demo)")
-    demo.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
-    demo.add_argument("--seed", type=int, default=0, help="random seed of every stage")
-    demo.add_argument("--epochs", type=float, default=1.0, help="training epochs per method")
-    demo.add_argument("--theta", type=float, default=0.9995, help="Flower's SFT weight")
     demo.add_argument(
-        "--reward", choices=("logp", "logp_div_s", "logp_add_logs"), default="logp_div_s",
-        help="Flower's item reward variant",
+        "--data", help="a dataset folder to use instead of the synthetic one (info/, train/, ...)"
+    )
+    demo.add_argument(
+        "--domain", choices=sorted(DOMAINS), default="items", help="wording of the prompts"
+    )
+    demo.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    demo.add_argument("--seed", type=int, default=DemoConfig.seed, help="random seed of every stage")
+    demo.add_argument(
+        "--epochs", type=float, default=DemoConfig.epochs,
+        help=f"training epochs per method (default: {DemoConfig.epochs:g})",
+    )
+    demo.add_argument(
+        "--theta", type=float, default=DemoConfig.theta,
+        help=f"Flower's SFT weight (default: {DemoConfig.theta:g})",
+    )
+    demo.add_argument(
+        "--reward", choices=REWARD_VARIANTS, default=DemoConfig.reward,
+        help=f"Flower's item reward variant (default: {DemoConfig.reward})",
     )
     demo.add_argument("--eval-limit", type=int, help="evaluate the first N test samples only")
     demo.set_defaults(handler=_demo)
@@ -245,9 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     stats.set_defaults(handler=_stats)
 
-    from .evaluate import DECODING_MODES
-    from .prompts import DOMAINS
-
     training = commands.add_parser(
         "train",
         help="fine-tune a causal LM recommender with SFT or Flower",
@@ -255,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         "a BPE tokenizer trained on the dataset) on transformers.Trainer. sft is the BIGRec "
         "baseline; flower adds (1 - theta) x modified sub-trajectory balance on one on-policy "
         "trie rollout per sample (or teacher-forced flow matching). Checkpoints every "
-        "--save-steps; --resume continues an interrupted run. Options may also come from a "
-        "YAML file (--config); command-line flags override it.",
+        "--save-steps; --resume continues an interrupted run. --eval-steps adds the validation "
+        "loss (eval_loss in metrics.jsonl), --early-stopping-patience stops on it and keeps the "
+        "best checkpoint. Options may also come from a YAML file (--config; keys are the "
+        "TrainConfig fields, e.g. eval_steps); command-line flags override it.",
     )
     training.add_argument("--config", help="YAML file of training options (TrainConfig fields)")
     training.add_argument("--data", help="dataset folder")
@@ -280,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N steps")
     training.add_argument("--batch-size", dest="batch_size", type=int, help="samples per step")
     training.add_argument("--save-steps", dest="save_steps", type=int, help="checkpoint interval")
+    training.add_argument(
+        "--eval-steps", dest="eval_steps", type=int,
+        help="validation loss on the valid split every N optimizer steps (default: none)",
+    )
+    training.add_argument(
+        "--valid-limit", dest="valid_limit", type=int,
+        help="validate on the first N valid samples only (default: all)",
+    )
+    training.add_argument(
+        "--early-stopping-patience", dest="early_stopping_patience", type=int,
+        help="stop after N evaluations without a lower eval_loss and keep the best checkpoint "
+        "(needs --eval-steps; --save-steps must be a multiple of it)",
+    )
+    training.add_argument(
+        "--max-prompt-tokens", dest="max_prompt_tokens", type=int,
+        help="prompt cutoff (the paper's 512): longer prompts drop their oldest history titles",
+    )
     training.add_argument("--seed", type=int, help="random seed")
     training.add_argument("--resume", action="store_true", default=None,
                           help="continue from the run folder's last checkpoint")
@@ -306,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--domain", choices=sorted(DOMAINS), default="items", help="wording of the prompt"
     )
     evaluation.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    evaluation.add_argument(
+        "--max-prompt-tokens", type=int,
+        help="prompt cutoff: longer prompts drop their oldest history titles (as in training)",
+    )
     evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     evaluation.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
     evaluation.add_argument("--temperature", type=float, default=1.0, help="of sampled decoding")

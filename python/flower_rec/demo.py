@@ -1,6 +1,6 @@
-"""``flower-rec demo``: SFT and Flower side by side on the embedded synthetic dataset.
+"""``flower-rec demo``: SFT and Flower side by side, on the embedded synthetic dataset or yours.
 
-Prepares the synthetic default dataset, trains the auxiliary SASRec (p_u for the personalised
+Prepares the synthetic default dataset (or reads the dataset folder given as ``data``), trains the auxiliary SASRec (p_u for the personalised
 reward), fine-tunes the tiny default model with SFT and with Flower, evaluates both on the test
 split with beam search and with sampled top-K, and writes ``report.json`` and ``groups.png``
 (recommendation share vs training share per popularity group, every method and decoding).
@@ -28,13 +28,18 @@ DECODINGS = ("beam", "sampled-top-k")
 
 @dataclass
 class DemoConfig:
-    """The demo's settings; ``quick`` shrinks training and evaluation to a smoke run."""
+    """The demo's settings. ``data`` is a dataset folder to use instead of the synthetic one
+    (:func:`flower_rec.data.load_dataset`), ``domain`` the wording of its prompts; ``quick``
+    shrinks training and evaluation to a smoke run. ``seed`` seeds the synthetic data and the
+    auxiliary model, and the training of the two default variants."""
 
     out: str
+    data: str | None = None
+    domain: str = "items"
     quick: bool = False
     seed: int = 0
-    epochs: float = 1.0
-    theta: float = 0.9995
+    epochs: float = 2.0
+    theta: float = 0.99
     reward: str = "logp_div_s"
     eval_limit: int | None = None
 
@@ -45,6 +50,24 @@ class DemoConfig:
     @property
     def limit(self) -> int | None:
         return 200 if self.quick and self.eval_limit is None else self.eval_limit
+
+    def default_variants(self) -> list[Variant]:
+        return [
+            Variant("sft", seed=self.seed),
+            Variant("flower", "flower", self.theta, self.reward, seed=self.seed),
+        ]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tuned model of a comparison; ``name`` is its run folder and its table label."""
+
+    name: str
+    method: str = "sft"
+    theta: float = 0.99
+    reward: str = "logp_div_s"
+    flow_loss: str = "subtb"
+    seed: int = 0
 
 
 def _trained(run: Path) -> bool:
@@ -65,16 +88,20 @@ def _train_aux(data: Path, out: Path, config: DemoConfig):
     return model
 
 
-def _train_method(method: str, data: Path, run: Path, config: DemoConfig, probabilities) -> float:
-    """Trains one method unless its run is complete; returns the training seconds of the run
+def _train_variant(
+    variant: Variant, data: Path, run: Path, config: DemoConfig, probabilities
+) -> float:
+    """Trains one variant unless its run is complete; returns the training seconds of the run
     (read back from its metrics when it was trained before)."""
     from .train import TrainConfig, train
 
     if not _trained(run):
+        personalised = variant.method == "flower" and variant.reward != "logp"
         options = TrainConfig(
-            data=data, out=run, method=method, theta=config.theta, reward=config.reward,
-            aux_probabilities=probabilities if method == "flower" else None,
-            epochs=config.epochs, max_steps=config.max_steps, seed=config.seed,
+            data=data, out=run, method=variant.method, theta=variant.theta,
+            reward=variant.reward, flow_loss=variant.flow_loss, domain=config.domain,
+            aux_probabilities=probabilities if personalised else None,
+            epochs=config.epochs, max_steps=config.max_steps, seed=variant.seed,
             resume=run.exists(), save_steps=200,
         )
         train(options)
@@ -83,42 +110,70 @@ def _train_method(method: str, data: Path, run: Path, config: DemoConfig, probab
     return float(sum(runtimes))
 
 
-def run_demo(config: DemoConfig) -> dict:
-    """Runs the whole comparison and returns the report (also written to ``report.json``)."""
+def _evaluate_run(run: Path, dataset, decoding: str, config: DemoConfig) -> dict:
+    """The run's metrics with ``decoding``, kept in the run folder so a rerun reuses them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    setting = {"decoding": decoding, "domain": config.domain, "limit": config.limit,
+               "seed": config.seed}
+    path = run / f"evaluation-{decoding}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["setting"] == setting:
+            return saved["metrics"]
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    model = AutoModelForCausalLM.from_pretrained(run).eval()
+    metrics = evaluate(
+        model, tokenizer, dataset, mode=decoding, domain=config.domain, limit=config.limit,
+        seed=config.seed,
+    ).metrics
+    write_report({"setting": setting, "metrics": metrics}, path)
+    return metrics
+
+
+def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
+    """Trains and evaluates ``variants`` (default: SFT and Flower with the config's theta and
+    reward) and returns the report (also written to ``report.json``)."""
     from .plots import plot_group_shares
     from .prepare import prepare_synthetic
     from .sasrec import training_probabilities
 
+    variants = config.default_variants() if variants is None else variants
+    names = [variant.name for variant in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique, got {names}")
     out = Path(config.out)
-    data = out / "data"
-    if not (data / "info").is_dir():
-        prepare_synthetic(data, seed=config.seed)
+    if config.data is not None:
+        data = Path(config.data)
+    else:
+        data = out / "data"
+        if not (data / "info").is_dir():
+            prepare_synthetic(data, seed=config.seed)
     dataset = load_dataset(data)
     aux = _train_aux(data, out / "aux", config)
     probabilities = training_probabilities(aux, dataset)
 
     rows: dict[str, dict] = {}
-    for method in ("sft", "flower"):
-        run = out / "runs" / method
-        seconds = _train_method(method, data, run, config, probabilities)
-        tokenizer = AutoTokenizer.from_pretrained(run)
-        model = AutoModelForCausalLM.from_pretrained(run).eval()
+    for variant in variants:
+        run = out / "runs" / variant.name
+        seconds = _train_variant(variant, data, run, config, probabilities)
         for decoding in DECODINGS:
-            evaluation = evaluate(
-                model, tokenizer, dataset, mode=decoding, limit=config.limit, seed=config.seed
-            )
-            rows[f"{method}, {decoding}"] = {**evaluation.metrics, "train_seconds": seconds}
+            metrics = _evaluate_run(run, dataset, decoding, config)
+            rows[f"{variant.name}, {decoding}"] = {**metrics, "train_seconds": seconds}
 
     _, shares = popularity_reference(dataset)
-    report = {"config": asdict(config), "GH": shares, "results": rows}
+    report = {
+        "config": asdict(config),
+        "variants": [asdict(variant) for variant in variants],
+        "GH": shares,
+        "results": rows,
+    }
     write_report(report, out / "report.json")
     plot_group_shares(
         shares,
         {label: metrics["GP"] for label, metrics in rows.items()},
         out / "groups.png",
-        title="Recommendation share per popularity group (synthetic test split)",
+        title=f"Recommendation share per popularity group ({data.name} test split)",
     )
     return report
 
