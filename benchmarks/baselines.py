@@ -168,3 +168,163 @@ def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
     """``[B, ceil(V / 32)]`` int32 bitmask (bit j of word w = token 32 w + j) -> ``[B, V]`` bool."""
     bits = (bitmask.long().unsqueeze(-1) >> torch.arange(32)) & 1
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# one training step's trie work
+
+
+def prefix_key(key: str, token: int) -> str:
+    """The published code's key of a token prefix: the token ids joined by ``"-"`` (``"12-873-5"``),
+    extended by one token; the empty prefix is ``""``."""
+    return f"{key}-{token}" if key else str(token)
+
+
+class PrefixKeyTrie:
+    """The trie work of one Flower training step the way the published code does it: dicts keyed
+    by ``"-"``-joined token-prefix strings, a ``torch.isin`` mask over the vocabulary per row and
+    rollout step, per-state rewards read prefix by prefix from string-keyed dicts.
+
+    Args:
+        sequences: each item's token sequence, without the termination token (the decoding trie).
+        termination_token: the token that ends every item in the loss (EOS).
+        vocab_size: the model's vocabulary.
+        popularity_log_rewards: ``[I]`` item log-rewards of the popularity-only reward (``logp``),
+            for :meth:`published_state_log_rewards`; optional.
+
+    Attributes:
+        allowed: prefix key -> the tokens that may follow it in a rollout (``[k]`` int64), for the
+            prefixes of the decoding trie that are not complete items.
+        items_under: prefix key -> the items (``[k]`` int64) whose loss sequence (the item's
+            tokens then the termination token) starts with the prefix: what a per-user flow of
+            that prefix sums over.
+        transition: prefix key -> ``{token: log P̂(token | prefix)}`` of the popularity reward,
+            the published ``token_distri`` (JSON) table.
+
+    The dicts are built once (not timed); what is timed is the per-step work. Keys are extended
+    one token at a time rather than re-joined from the whole prefix, the allowed tokens are kept
+    as tensors rather than re-parsed from the JSON keys, and ``arange(V)`` is made once per step
+    rather than once per row (the published code did all three the slow way): each of these is
+    the fastest form that keeps the approach."""
+
+    def __init__(
+        self,
+        sequences: list[list[int]],
+        termination_token: int,
+        vocab_size: int,
+        popularity_log_rewards: Tensor | None = None,
+    ):
+        self.eos = int(termination_token)
+        self.vocab_size = vocab_size
+        allowed: dict[str, set[int]] = {}
+        under: dict[str, list[int]] = {}
+        for item, sequence in enumerate(sequences):
+            key = ""
+            under.setdefault(key, []).append(item)
+            for token in sequence:
+                allowed.setdefault(key, set()).add(token)
+                key = prefix_key(key, token)
+                under.setdefault(key, []).append(item)
+            under.setdefault(prefix_key(key, self.eos), []).append(item)
+        self.allowed = {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in allowed.items()}
+        self.items_under = {k: torch.tensor(v, dtype=torch.long) for k, v in under.items()}
+        self.transition: dict[str, dict[int, float]] = {}
+        if popularity_log_rewards is not None:
+            rewards = popularity_log_rewards.double()
+            flows = {k: torch.logsumexp(rewards[v], 0).item() for k, v in self.items_under.items()}
+            for key, flow in flows.items():
+                row = self.transition.setdefault(key, {})
+                tokens = self.allowed[key].tolist() if key in self.allowed else []
+                for token in [*tokens, self.eos]:
+                    child = flows.get(prefix_key(key, token))
+                    if child is not None:
+                        row[token] = child - flow
+
+    # -- rollout ----------------------------------------------------------------------------
+
+    def mask_logits_(self, logits: Tensor, keys: list[str]) -> Tensor:
+        """Sets, in place, every logit whose token may not follow the row's prefix to -inf."""
+        vocabulary = torch.arange(logits.shape[1])
+        allowed = torch.stack([torch.isin(vocabulary, self.allowed[key]) for key in keys])
+        return logits.masked_fill_(~allowed, float("-inf"))
+
+    def rollout_masks(self, steps) -> list[Tensor]:
+        """The masking work of a rollout, replayed: ``steps`` is a list of ``(logits [n, V],
+        rows [n], tokens [n])`` per generation step, the logits of the rows still generating and
+        the tokens they drew. Returns the masked logits of every step. A row's prefix key grows
+        by the token it drew, as the published code keys the generated prefix."""
+        keys: dict[int, str] = {}
+        out = []
+        for logits, rows, tokens in steps:
+            rows = rows.tolist()
+            out.append(self.mask_logits_(logits, [keys.get(row, "") for row in rows]))
+            for row, token in zip(rows, tokens.tolist()):
+                keys[row] = prefix_key(keys.get(row, ""), token)
+        return out
+
+    # -- rewards ----------------------------------------------------------------------------
+
+    def state_log_rewards(
+        self,
+        item_log_rewards: Tensor,
+        actions: Tensor,
+        lengths: Tensor,
+        incomplete_log_reward: float = -15.0,
+        floor: float = -1e4,
+    ) -> Tensor:
+        """Per-state log-rewards ``[B, T+1]`` (``flower_ext.losses.state_log_rewards``) of each
+        row's own item rewards ``item_log_rewards [B, I]``: per state the row's flow
+        ``logsumexp`` over the items under the prefix (looked up by its key), and that of its
+        termination child; the sum of the step log-ratios so far plus the termination
+        log-ratio (or ``incomplete_log_reward``). Exact per-user flows, which the published code
+        does not compute (see :meth:`published_state_log_rewards`); states past a row's length
+        are 0."""
+        batch, width = actions.shape
+        out = torch.zeros((batch, width + 1), dtype=torch.float64)
+        rewards = item_log_rewards.double()
+        for row, (tokens, length) in enumerate(zip(actions.tolist(), lengths.tolist())):
+            user = rewards[row]
+            key, flow, total = "", torch.logsumexp(user, 0).item(), 0.0
+            for k in range(length + 1):
+                end = self.items_under.get(prefix_key(key, self.eos))
+                if end is None:
+                    ending = incomplete_log_reward
+                else:
+                    ending = torch.logsumexp(user[end], 0).item() - flow
+                out[row, k] = max(total + ending, floor)
+                if k < length:
+                    key = prefix_key(key, tokens[k])
+                    child = torch.logsumexp(user[self.items_under[key]], 0).item()
+                    total += child - flow
+                    flow = child
+        return out
+
+    def published_state_log_rewards(
+        self,
+        actions: Tensor,
+        lengths: Tensor,
+        scale: list[float] | None = None,
+        incomplete_log_reward: float = -15.0,
+    ) -> Tensor:
+        """The published per-state log-rewards: the popularity transitions ``log P̂`` read from
+        :attr:`transition` prefix by prefix, each divided by the row's ``scale`` (``s_ui`` of
+        the sampled item under ``logp_div_s``; 1 for ``logp``). With ``scale`` None this equals
+        :meth:`state_log_rewards` of the popularity rewards; with a scale it is the published
+        approximation of the personalised reward (the division applies to every transition of
+        the path, not to the item rewards before the flows are summed)."""
+        batch, width = actions.shape
+        out = torch.zeros((batch, width + 1), dtype=torch.float64)
+        for row, (tokens, length) in enumerate(zip(actions.tolist(), lengths.tolist())):
+            divisor = 1.0 if scale is None else scale[row]
+            key, total = "", 0.0
+            for k in range(length + 1):
+                row_table = self.transition[key]
+                ending = row_table.get(self.eos)
+                if ending is None:
+                    out[row, k] = total + incomplete_log_reward
+                else:
+                    out[row, k] = total + ending / divisor
+                if k < length:
+                    total += row_table[tokens[k]] / divisor
+                    key = prefix_key(key, tokens[k])
+        return out

@@ -18,6 +18,9 @@ Layout:
     bench_losses.py     subtb_loss_from_log_probs vs the O(T^2) loops (B = 64, T = 32)
     catalogs.py         the catalogs; baselines.py the baselines; harness.py the shared timing
     report.py           pytest-benchmark JSON -> markdown table
+    bench_training_step.py  a standalone script, not a pytest module (it defines no tests): SFT,
+                        Flower and flow-matching training steps, their trie-work share, and the
+                        published per-step trie work on the same batches
 
 Rules (DESIGN.md section 6): each op sits in one pytest-benchmark group per catalog with its
 baselines; every result is checked equal to the baselines' before anything is timed; only
