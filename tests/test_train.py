@@ -1,5 +1,6 @@
 """Training (flower_rec.train): the objective's pieces, the losses going down, run folders,
-resumption after a crash or a SIGKILL, bad configurations, LoRA, bf16 and 2-process DDP.
+resumption after a crash or a SIGKILL, validation and early stopping, the prompt cutoff, bad
+configurations, LoRA, bf16 and 2-process DDP.
 
 Everything runs a 1-layer, 32-wide Llama on a 60-item synthetic catalog, one thread (the CI
 machines' 2 cores are shared; torch's default of 2 threads is slower there)."""
@@ -16,18 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from flower_rec.decoding import Catalog
 from flower_rec.evaluate import evaluate
 from flower_rec.models import corpus, tiny_llama, train_tokenizer
 from flower_rec.prepare import prepare_synthetic
-from flower_rec.prompts import build_prompt
+from flower_rec.prompts import PromptCutoffError, build_prompt, encode, fit_prompts
 from flower_rec.rewards import PopularityRewards
 from flower_rec.train import (
     CONFIG_FILE,
     METRICS_FILE,
     FlowerObjective,
+    FlowerTrainer,
     RecommendationCollator,
     TrainConfig,
     TrainConfigError,
@@ -38,7 +40,10 @@ from flower_rec.train import (
 TINY = {"tiny_hidden_size": 32, "tiny_layers": 1, "tiny_heads": 2}
 # Keys of the final summary line that depend on wall time or on the session (a resumed run's
 # train_loss averages its own steps only).
-SESSION_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+SESSION_KEYS = {
+    "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
+    "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -355,13 +360,25 @@ def test_resume_without_a_checkpoint_starts_over(data_dir, tmp_path):
     ],
 )
 def test_personalised_runs_take_probabilities_from_a_file(data_dir, dataset, tmp_path, options):
-    path = tmp_path / "p.pt"
+    """Training p_u from one file, validation p_u from another; the validation loss and its
+    parts are logged every eval_steps."""
+    path, valid_path = tmp_path / "p.pt", tmp_path / "p_valid.pt"
     torch.save(fake_probabilities(len(dataset.train), dataset.num_items), path)
+    torch.save(fake_probabilities(len(dataset.valid), dataset.num_items, seed=1), valid_path)
     run = train(config(data_dir, tmp_path / "run", max_steps=2, aux_probabilities=str(path),
+                       valid_aux_probabilities=str(valid_path), eval_steps=1, valid_limit=8,
                        **options))
+    flow = options.get("flow_loss", "subtb")
     lines = [line for line in metric_lines(run) if "loss" in line]
-    assert all(options.get("flow_loss", "subtb") in line for line in lines)
-    assert json.loads((run / CONFIG_FILE).read_text())["aux_probabilities"] == str(path)
+    assert all(flow in line for line in lines)
+    evals = [line for line in metric_lines(run) if "eval_loss" in line]
+    assert [line["step"] for line in evals] == [1, 2]
+    for line in evals:
+        expected = 0.9995 * line["eval_sft"] + 0.0005 * line[f"eval_{flow}"]
+        assert line["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    saved = json.loads((run / CONFIG_FILE).read_text())
+    assert saved["aux_probabilities"] == str(path)
+    assert saved["valid_aux_probabilities"] == str(valid_path)
 
 
 def test_gradient_accumulation_and_tensorboard(data_dir, tmp_path):
@@ -403,7 +420,8 @@ def test_bf16_run(data_dir, tmp_path):
 def test_ddp_two_processes(data_dir, dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo): the same code, 4 steps of flower."""
     out = tmp_path / "ddp"
-    options = config(data_dir, out, max_steps=4, save_steps=2, **FLOWER).to_dict()
+    options = config(data_dir, out, max_steps=4, save_steps=2, eval_steps=2, valid_limit=20,
+                     **FLOWER).to_dict()
     script = tmp_path / "run.py"
     script.write_text(
         "import json, sys\nfrom flower_rec.train import TrainConfig, train\n"
@@ -418,9 +436,192 @@ def test_ddp_two_processes(data_dir, dataset, tmp_path):
     lines = [line for line in metric_lines(out) if "loss" in line]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert all("subtb" in line for line in lines)
+    evals = [line for line in metric_lines(out) if "eval_loss" in line]
+    assert [line["step"] for line in evals] == [2, 4]
+    assert all(math.isfinite(line["eval_subtb"]) for line in evals)
     # 2 processes x batch 8 samples per optimizer step.
     assert lines[-1]["epoch"] == pytest.approx(4 / math.ceil(len(dataset.train) / 16))
     assert (out / "model.safetensors").exists()
+
+
+# -- validation and early stopping ------------------------------------------------------------
+
+
+def test_validation_loss_is_reproducible_and_uses_the_validation_p_u(
+    dataset, tokenizer, catalog, tmp_path
+):
+    """The Trainer's eval loop runs the objective on validation batches: the same loss at every
+    evaluation of a model (the rollouts are seeded by the samples, not by the global RNG), its
+    parts logged beside it, and the personalised rewards from the validation samples' p_u."""
+    p_train = fake_probabilities(len(dataset.train), dataset.num_items)
+    p_valid = fake_probabilities(len(dataset.valid), dataset.num_items, seed=1)
+    loss = objective(dataset, tokenizer, catalog, method="flower", reward_variant="logp_div_s",
+                     theta=0.5, probabilities=lambda index: p_train[index])
+    encoded = encode_samples(dataset, "valid", tokenizer, catalog, limit=12)
+    valid = [
+        {"sample_index": i, "prompt": encoded.prompts[i], "target": encoded.targets[i]}
+        for i in range(12)
+    ]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                             per_device_eval_batch_size=8, remove_unused_columns=False)
+    options = {"model": new_model(tokenizer), "args": args, "eval_dataset": valid,
+               "data_collator": RecommendationCollator(tokenizer.pad_token_id),
+               "objective": loss}
+    with pytest.raises(ValueError, match="needs eval_probabilities"):
+        FlowerTrainer(**options)
+    asked = []
+
+    def valid_probabilities(index):
+        asked.append(index.tolist())
+        return p_valid[index]
+
+    trainer = FlowerTrainer(**options, eval_probabilities=valid_probabilities)
+    first = trainer.evaluate()
+    assert asked == [list(range(8)), list(range(8, 12))]  # the validation samples' own rows
+    torch.manual_seed(1234)  # a global RNG draw must not matter
+    torch.rand(10)
+    assert trainer.evaluate()["eval_loss"] == first["eval_loss"]
+    # means over the samples (batches of 8 and 4), as the Trainer's eval_loss
+    assert first["eval_loss"] == pytest.approx(
+        0.5 * first["eval_sft"] + 0.5 * first["eval_subtb"], rel=1e-5
+    )
+    trainer.eval_probabilities = lambda index: p_train[index]  # other p_u: other rewards
+    other = trainer.evaluate()
+    assert other["eval_sft"] == first["eval_sft"] and other["eval_subtb"] != first["eval_subtb"]
+
+
+class Evaluated(TrainerCallback):
+    """The model's weights at every evaluation, by step."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {
+            k: v.detach().clone() for k, v in model.state_dict().items()
+        }
+
+
+# SFT at a learning rate high enough for the validation loss to turn up within a few steps.
+EARLY = {"method": "sft", "learning_rate": 0.1, "warmup_steps": 0, "max_steps": 30,
+         "eval_steps": 1, "valid_limit": 16, "early_stopping_patience": 2}
+
+
+def eval_losses(run: Path) -> dict[int, float]:
+    return {line["step"]: line["eval_loss"] for line in metric_lines(run) if "eval_loss" in line}
+
+
+def assert_weights_equal(got: dict, expected: dict) -> None:
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(data_dir, tmp_path):
+    """Training stops once eval_loss has not improved for `patience` evaluations, before
+    max_steps, and the saved model is the one of the lowest eval_loss, not the last one. With
+    save_steps = 3 x eval_steps the best evaluation need not fall on a periodic checkpoint."""
+    evaluated = Evaluated()
+    run = train(config(data_dir, tmp_path / "run", save_steps=3, **EARLY), callbacks=[evaluated])
+    losses = eval_losses(run)
+    steps = sorted(losses)
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < EARLY["max_steps"]
+    for line in metric_lines(run):
+        if "eval_loss" in line:  # SFT: the loss is its SFT term
+            assert line["eval_sft"] == pytest.approx(line["eval_loss"], abs=1e-5)
+    best = min(steps, key=losses.get)
+    patience = EARLY["early_stopping_patience"]
+    assert best == steps[-1 - patience]  # stopped by patience: the last evaluations were worse
+    assert all(losses[s] >= losses[best] for s in steps[-patience:])
+    state = json.loads((run / "checkpoints" / f"checkpoint-{best}" / "trainer_state.json").read_text())
+    assert state["best_global_step"] == best
+    final = weights(run)
+    assert_weights_equal(final, evaluated.weights[best])
+    assert not all(torch.equal(final[k], v) for k, v in evaluated.weights[steps[-1]].items())
+
+
+def test_resume_continues_the_early_stopping_count(data_dir, tmp_path):
+    """A run killed at the last step of the uninterrupted run resumes from the checkpoint before,
+    with its patience count (patience - 1 evaluations without improvement): it stops at the
+    same step with the same best model."""
+    whole = train(config(data_dir, tmp_path / "whole", save_steps=1, **EARLY))
+    last = max(eval_losses(whole))
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(data_dir, out, save_steps=1, **EARLY), callbacks=[Crash(last)])
+    session = Steps()
+    train(config(data_dir, out, save_steps=1, resume=True, **EARLY), callbacks=[session])
+    assert session.steps == [last]  # a restarted count would not stop there
+    assert_same_run(out, whole)
+
+
+# -- the prompt cutoff -------------------------------------------------------------------------
+
+
+def test_prompt_cutoff_drops_the_oldest_whole_titles(dataset, tokenizer, catalog):
+    titles = dataset.titles
+    histories = [[titles[i] for i in s.history] for s in dataset.train[:200]]
+
+    def length(prompt: str) -> int:
+        return len(encode(tokenizer, [prompt], add_special_tokens=True)[0])
+
+    full = [length(build_prompt(h)) for h in histories]
+    cutoff = sorted(full)[len(full) // 2]  # about half the prompts are too long
+    assert sum(n > cutoff for n in full) >= 50
+    prompts = fit_prompts(tokenizer, histories, cutoff)
+    assert max(map(length, prompts)) <= cutoff
+    for history, prompt, n in zip(histories, prompts, full, strict=True):
+        if n <= cutoff:
+            assert prompt == build_prompt(history)  # prompts that fit are left alone
+            continue
+        # the shortest cut that fits: whole titles dropped from the front, the newest kept
+        kept = next(k for k in range(len(history)) if prompt == build_prompt(history[k:]))
+        assert kept >= 1
+        assert length(build_prompt(history[kept - 1 :])) > cutoff
+    assert fit_prompts(tokenizer, histories, None) == [build_prompt(h) for h in histories]
+    # training encodes the same prompts
+    encoded = encode_samples(dataset, "train", tokenizer, catalog, max_prompt_tokens=cutoff,
+                             limit=200)
+    assert encoded.prompts == encode(tokenizer, prompts, add_special_tokens=True)
+
+    bare = length(build_prompt([]))
+    with pytest.raises(PromptCutoffError, match=f"cannot hold the prompt even without history "
+                                                f"titles \\({bare} tokens\\)"):
+        fit_prompts(tokenizer, histories, bare - 1)
+    assert set(fit_prompts(tokenizer, histories, bare)) == {build_prompt([])}
+
+
+def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
+    """`flower-rec train` flags reach the configuration; --aux gives the validation samples their
+    own p_u (an untrained SASRec is enough here)."""
+    from flower_rec.cli import main
+    from flower_rec.sasrec import SASRec, SASRecConfig
+
+    flags = ("--eval-steps", "--valid-limit", "--early-stopping-patience", "--max-prompt-tokens")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in flags)
+
+    aux = SASRec(SASRecConfig(num_items=dataset.num_items)).save(tmp_path / "aux")
+    options = tmp_path / "run.yaml"
+    options.write_text("batch_size: 4\nprogress: false\ntiny_hidden_size: 32\ntiny_layers: 1\n"
+                       "tiny_heads: 2\ntiny_vocab_size: 400\nlogging_steps: 1\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(options), "--data", str(data_dir), "--out", str(run),
+                 "--method", "flower", "--aux", str(aux), "--max-steps", "2", "--save-steps", "1",
+                 "--eval-steps", "1", "--valid-limit", "4", "--early-stopping-patience", "3",
+                 "--max-prompt-tokens", "300"]) == 0
+    saved = json.loads((run / CONFIG_FILE).read_text())
+    assert (saved["eval_steps"], saved["valid_limit"], saved["early_stopping_patience"],
+            saved["max_prompt_tokens"]) == (1, 4, 3, 300)
+    assert saved["valid_aux_probabilities"].startswith("<callable")
+    evals = [line for line in metric_lines(run) if "eval_loss" in line]
+    assert [line["step"] for line in evals] == [1, 2] and all("eval_subtb" in e for e in evals)
+    # the evaluator takes the same cutoff
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(data_dir), "--model", str(run), "--mode", "sample",
+                 "--k", "1", "--limit", "2", "--max-prompt-tokens", "300", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["max_prompt_tokens"] == 300
 
 
 # -- bad configurations -----------------------------------------------------------------------
@@ -437,6 +638,17 @@ def test_ddp_two_processes(data_dir, dataset, tmp_path):
         ({"floor_count": 0}, "floor_count must be a positive number"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"domain": "books"}, "unknown domain"),
+        ({"early_stopping_patience": 2}, "early_stopping_patience needs eval_steps"),
+        ({"valid_limit": 10}, "valid_limit needs eval_steps"),
+        ({"eval_steps": 0}, "eval_steps must be a positive integer or None, got 0"),
+        ({"eval_steps": 1, "valid_limit": -5}, "valid_limit must be a positive integer"),
+        ({"eval_steps": 1, "early_stopping_patience": 0}, "early_stopping_patience must be a"),
+        ({"max_prompt_tokens": 0}, "max_prompt_tokens must be a positive integer"),
+        ({"eval_steps": 2, "save_steps": 3, "early_stopping_patience": 1},
+         r"save_steps \(3\) must be a multiple of eval_steps \(2\)"),
+        ({"method": "flower", "reward": "logp_div_s", "aux_probabilities": "p.pt",
+          "eval_steps": 2}, "needs valid_aux_probabilities"),
+        ({"max_prompt_tokens": 8}, "max_prompt_tokens: a prompt cutoff of 8 tokens cannot hold"),
     ],
 )
 def test_bad_configs(data_dir, tmp_path, options, message):
@@ -467,3 +679,7 @@ def test_probability_table_of_the_wrong_shape(data_dir, dataset, tmp_path):
     with pytest.raises(TrainConfigError, match="aux_probabilities has shape"):
         train(config(data_dir, tmp_path / "run", method="flower",
                      aux_probabilities=torch.ones(3, dataset.num_items)))
+    train_table = torch.ones(len(dataset.train), dataset.num_items)
+    with pytest.raises(TrainConfigError, match=r"valid_aux_probabilities has shape .* \(valid sam"):
+        train(config(data_dir, tmp_path / "run", method="flower", aux_probabilities=train_table,
+                     valid_aux_probabilities=train_table, eval_steps=2))

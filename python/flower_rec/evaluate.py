@@ -13,7 +13,7 @@ from .data import Dataset, popularity_counts, popularity_groups
 from .decoding import Catalog, TrieDecoder
 from .files import atomic_open
 from .metrics import evaluate_recommendations, group_shares, write_report
-from .prompts import build_prompt
+from .prompts import build_prompt, fit_prompts
 
 DecodingMode = Literal["beam", "sampled-top-k", "sample"]
 DECODING_MODES: tuple[DecodingMode, ...] = ("beam", "sampled-top-k", "sample")
@@ -45,15 +45,18 @@ def recommend(
     limit: int | None = None,
     seed: int = 0,
     temperature: float = 1.0,
+    max_prompt_tokens: int | None = None,
 ) -> tuple[list[list[str]], list[str]]:
     """``k`` titles for each sample of ``split`` (the first ``limit`` samples when given) and
     the target titles. ``beam`` is beam search with ``k`` beams (mode-seeking, ranked);
     ``sampled-top-k`` draws ``k`` distinct items without replacement from the model's
     trie-constrained distribution (recommends in proportion to what the model learned);
-    ``sample`` draws ``k`` independent samples at ``temperature`` (distribution fitting)."""
+    ``sample`` draws ``k`` independent samples at ``temperature`` (distribution fitting).
+    ``max_prompt_tokens``: the prompt cutoff of training (oldest history titles dropped)."""
     samples = dataset.split(split)[:limit]
     titles = dataset.titles
-    prompts = [build_prompt([titles[i] for i in s.history], domain) for s in samples]
+    histories = [[titles[i] for i in s.history] for s in samples]
+    prompts = fit_prompts(decoder.tokenizer, histories, max_prompt_tokens, domain)
     if mode == "beam":
         recommendations = decoder.beam_search(prompts, num_beams=k)
     elif mode == "sampled-top-k":
@@ -81,14 +84,16 @@ def evaluate(
     temperature: float = 1.0,
     target_distribution: Mapping[str, float] | None = None,
     progress: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> Evaluation:
     """Decodes ``split`` with ``model`` constrained to the catalog and computes every metric;
     with ``target_distribution`` ({title: count or probability}) also KL(m||b), KL(b||m) and
-    JS of the recommended titles against it."""
+    JS of the recommended titles against it. ``max_prompt_tokens``: the prompt cutoff the model
+    was trained with (:func:`flower_rec.prompts.fit_prompts`)."""
     catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], domain))
     decoder = TrieDecoder(model, tokenizer, catalog, batch_size=batch_size, progress=progress)
     recommendations, targets = recommend(
-        decoder, dataset, split, mode, k, domain, limit, seed, temperature
+        decoder, dataset, split, mode, k, domain, limit, seed, temperature, max_prompt_tokens
     )
     groups, shares = popularity_reference(dataset)
     metrics = evaluate_recommendations(

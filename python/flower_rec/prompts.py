@@ -42,8 +42,10 @@ __all__ = [
     "PROMPT_TEMPLATE",
     "Domain",
     "ItemTokens",
+    "PromptCutoffError",
     "build_prompt",
     "encode",
+    "fit_prompts",
     "input_text",
     "instruction_text",
     "item_token_sequences",
@@ -115,6 +117,52 @@ def build_prompt(
         instruction=instruction_text(domain),
         input=input_text(history_titles, domain, quote_titles=quote_titles),
     )
+
+
+class PromptCutoffError(ValueError):
+    """A prompt cutoff shorter than the prompt without any history."""
+
+
+def fit_prompts(
+    tokenizer,
+    histories: Sequence[Sequence[str]],
+    max_tokens: int | None,
+    domain: str | Domain = "items",
+    *,
+    quote_titles: bool = False,
+) -> list[str]:
+    """:func:`build_prompt` of each history (titles, oldest first) under a prompt cutoff: where
+    the prompt would exceed ``max_tokens`` tokens, its oldest titles are dropped, whole, until it
+    fits, so it keeps the most recent history (the paper's cutoff; BIGRec instead truncates the
+    token sequence, which can cut a title in half). Tokens are counted with the tokenizer's
+    special tokens, as training and decoding encode prompts. ``max_tokens=None``: no cutoff.
+
+    Raises :class:`PromptCutoffError` when even the prompt without any history title exceeds
+    ``max_tokens``.
+    """
+    histories = [list(h) for h in histories]
+    prompts = [build_prompt(h, domain, quote_titles=quote_titles) for h in histories]
+    if max_tokens is None:
+        return prompts
+    (bare,) = encode(tokenizer, [build_prompt([], domain, quote_titles=quote_titles)],
+                     add_special_tokens=True)
+    if len(bare) > max_tokens:
+        raise PromptCutoffError(
+            f"a prompt cutoff of {max_tokens} tokens cannot hold the prompt even without history "
+            f"titles ({len(bare)} tokens)"
+        )
+    # Drop one title at a time from the prompts still too long: histories are short (the paper
+    # keeps 10 items), so a few rounds, each encoding only the prompts still over the cutoff.
+    # The empty-history prompt fits (checked above), so every prompt ends up fitting.
+    dropped = [0] * len(prompts)
+    pending = list(range(len(prompts)))
+    while pending:
+        ids = encode(tokenizer, [prompts[i] for i in pending], add_special_tokens=True)
+        pending = [i for i, tokens in zip(pending, ids, strict=True) if len(tokens) > max_tokens]
+        for i in pending:
+            dropped[i] += 1
+            prompts[i] = build_prompt(histories[i][dropped[i]:], domain, quote_titles=quote_titles)
+    return prompts
 
 
 def response_text(title: str) -> str:

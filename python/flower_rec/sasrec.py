@@ -752,12 +752,13 @@ def train_sasrec(
     return model, report
 
 
-def training_probabilities(model: SASRec, dataset: Dataset):
-    """p_u of the training samples as a function of sample indices, the form
-    ``TrainConfig.aux_probabilities`` takes: computed per batch, so the [samples, items] table
-    is never held in memory."""
+def training_probabilities(model: SASRec, dataset: Dataset, split: str = "train"):
+    """p_u of the samples of ``split`` as a function of sample indices, the form
+    ``TrainConfig.aux_probabilities`` takes (``valid_aux_probabilities`` with ``split="valid"``):
+    computed per batch, so the [samples, items] table is never held in memory."""
+    samples = dataset.split(split)
 
     def probabilities(indices):
-        return item_probabilities(model, [dataset.train[int(i)] for i in indices])
+        return item_probabilities(model, [samples[int(i)] for i in indices])
 
     return probabilities

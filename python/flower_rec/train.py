@@ -5,9 +5,11 @@ on :class:`transformers.Trainer`.
 folder::
 
     RUN/train_config.json        the configuration (JSON)
-    RUN/metrics.jsonl            one line per Trainer log: step, loss, sft, subtb | flow_matching, ...
+    RUN/metrics.jsonl            one line per Trainer log: step, loss, sft, subtb | flow_matching, ...;
+                                 with ``eval_steps``, also eval_loss, eval_sft, eval_subtb | ...
     RUN/config.json, model.safetensors, tokenizer files      the final model (save_pretrained;
-                                 a LoRA run is merged into its base model), what `evaluate` loads
+                                 a LoRA run is merged into its base model), what `evaluate` loads;
+                                 with early stopping, the checkpoint of the best eval_loss
     RUN/checkpoints/checkpoint-N Trainer checkpoints (model, optimizer, scheduler, RNG states)
     RUN/tensorboard/             with ``tensorboard=True``
 
@@ -40,6 +42,16 @@ A training step of ``flower`` with the ``subtb`` flow loss (the paper's):
 
 ``flow_loss="flow_matching"`` replaces 1 and the trajectory by teacher-forced flow matching on
 the SFT target's path.
+
+Validation (``eval_steps``): the same objective on the ``valid`` split (its first ``valid_limit``
+samples) every ``eval_steps`` optimizer steps, logged as ``eval_loss`` (the total) and its parts
+``eval_sft`` / ``eval_subtb`` | ``eval_flow_matching``. Its rollouts are seeded by the validation
+samples alone, so every evaluation draws from the same random numbers (a reproducible loss whose
+changes come from the model, not from new draws), and the personalised rewards take the p_u of
+the validation samples (``valid_aux_probabilities``: the training table's rows are other
+samples). ``early_stopping_patience`` stops when eval_loss has not improved for that many
+evaluations and restores the best checkpoint (transformers' EarlyStoppingCallback and
+``load_best_model_at_end``); the saved model is then the best one by eval_loss.
 """
 
 from __future__ import annotations
@@ -60,11 +72,11 @@ from typing import Any
 import torch
 from flower_ext import Trie, losses
 from torch import Tensor
-from transformers import Trainer, TrainerCallback
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from .data import Dataset, load_dataset
 from .decoding import Catalog, TrieDecoder
-from .prompts import DOMAINS, build_prompt, encode
+from .prompts import DOMAINS, PromptCutoffError, build_prompt, encode, fit_prompts
 from .rewards import DEFAULT_FLOOR_COUNT, REWARD_VARIANTS, PopularityRewards
 
 __all__ = [
@@ -92,7 +104,8 @@ CHECKPOINT_DIR = "checkpoints"
 _RESUMABLE_FIELDS = ("resume", "progress", "tensorboard")
 
 ProbabilitySource = Callable[[Tensor], Tensor]
-"""Per-sample item probabilities: training-sample indices ``[B]`` -> ``p_u [B, I]``."""
+"""Per-sample item probabilities: sample indices ``[B]`` (into the training split, or the
+validation split for the validation source) -> ``p_u [B, I]``."""
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +141,13 @@ class TrainConfig:
         aux_probabilities: ``p_u`` of every training sample, ``[num_train_samples, I]``: a
             tensor, a file (``.pt`` holding a tensor, or ``.safetensors`` holding one tensor), or
             a callable mapping sample indices ``[B]`` to ``[B, I]``.
+        valid_aux_probabilities: the same for the validation samples, ``[num_valid_samples,
+            I]``; needed by validation (``eval_steps``) with a personalised reward.
         domain: wording of the prompt (:data:`flower_rec.prompts.DOMAINS`); evaluate with the
             same.
+        max_prompt_tokens: prompt cutoff (the paper's 512): longer prompts drop their oldest
+            history titles, whole, until they fit (:func:`flower_rec.prompts.fit_prompts`), in
+            training and validation alike; None keeps every prompt whole.
         learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW and its schedule
             (linear decay after the warm-up).
         epochs: training epochs; ``max_steps`` > 0 overrides them.
@@ -138,6 +156,13 @@ class TrainConfig:
         save_steps: a checkpoint every this many optimizer steps; ``save_total_limit`` keeps the
             newest ones (None keeps all).
         logging_steps: a metrics line every this many optimizer steps.
+        eval_steps: the validation loss every this many optimizer steps (and at the last step);
+            None: no validation.
+        valid_limit: validate on the first this many validation samples only (a validation
+            pass costs a rollout per sample); None: all of them.
+        early_stopping_patience: stop when eval_loss has not improved for this many
+            evaluations in a row and keep the best checkpoint as the final model; needs
+            ``eval_steps``, and ``save_steps`` a multiple of it. None: train to the end.
         seed: model initialisation, data order and rollouts.
         resume: continue the run in ``out`` from its newest checkpoint.
         tensorboard: also write TensorBoard event files (needs the tensorboard package).
@@ -163,7 +188,9 @@ class TrainConfig:
     flow_loss: str = "subtb"
     floor_count: float = DEFAULT_FLOOR_COUNT
     aux_probabilities: Any = None
+    valid_aux_probabilities: Any = None
     domain: str = "items"
+    max_prompt_tokens: int | None = None
     learning_rate: float = 3e-4
     warmup_steps: int = 20
     weight_decay: float = 0.0
@@ -175,6 +202,9 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 2
     logging_steps: int = 10
+    eval_steps: int | None = None
+    valid_limit: int | None = None
+    early_stopping_patience: int | None = None
     seed: int = 0
     resume: bool = False
     tensorboard: bool = False
@@ -222,9 +252,28 @@ class TrainConfig:
             "tiny_heads": self.tiny_heads,
             "lora_r": self.lora_r,
         }
+        optional = {
+            "eval_steps": self.eval_steps,
+            "valid_limit": self.valid_limit,
+            "early_stopping_patience": self.early_stopping_patience,
+            "max_prompt_tokens": self.max_prompt_tokens,
+        }
         for name, value in positive.items():
             if not (isinstance(value, int) and value > 0):
                 fail(f"{name} must be a positive integer, got {value!r}")
+        for name, value in optional.items():
+            if value is not None and not (isinstance(value, int) and value > 0):
+                fail(f"{name} must be a positive integer or None, got {value!r}")
+        if self.eval_steps is None:
+            for name in ("valid_limit", "early_stopping_patience"):
+                if optional[name] is not None:
+                    fail(f"{name} needs eval_steps (the validation loss is computed every "
+                         "eval_steps optimizer steps)")
+        elif self.early_stopping_patience is not None and self.save_steps % self.eval_steps:
+            # The best model is restored from a checkpoint; transformers requires checkpoints
+            # on evaluation steps for that.
+            fail(f"save_steps ({self.save_steps}) must be a multiple of eval_steps "
+                 f"({self.eval_steps}) with early stopping, which restores the best checkpoint")
         if self.tiny_hidden_size % self.tiny_heads:
             fail(f"tiny_hidden_size {self.tiny_hidden_size} is not a multiple of tiny_heads "
                  f"{self.tiny_heads}")
@@ -240,6 +289,13 @@ class TrainConfig:
                 "from an auxiliary recommender, e.g. `flower-rec train-aux`); pass them, or use "
                 "reward='logp' for popularity-only rewards"
             )
+        if self.needs_probabilities and self.eval_steps is not None \
+                and self.valid_aux_probabilities is None:
+            fail(
+                f"validation with reward {self.reward!r} needs valid_aux_probabilities (p_u of "
+                "every validation sample, from the same auxiliary recommender; `flower-rec train "
+                "--aux` computes both)"
+            )
         if not Path(self.data).is_dir():
             fail(f"data folder {str(self.data)!r} does not exist (create one with "
                  "`flower-rec prepare`)")
@@ -249,13 +305,14 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         for key in ("data", "out"):
             values[key] = str(values[key])
-        aux = self.aux_probabilities
-        if isinstance(aux, Tensor):
-            values["aux_probabilities"] = f"<tensor {list(aux.shape)}>"
-        elif isinstance(aux, os.PathLike):
-            values["aux_probabilities"] = str(aux)
-        elif callable(aux):
-            values["aux_probabilities"] = f"<callable {getattr(aux, '__name__', type(aux).__name__)}>"
+        for key in ("aux_probabilities", "valid_aux_probabilities"):
+            aux = getattr(self, key)
+            if isinstance(aux, Tensor):
+                values[key] = f"<tensor {list(aux.shape)}>"
+            elif isinstance(aux, os.PathLike):
+                values[key] = str(aux)
+            elif callable(aux):
+                values[key] = f"<callable {getattr(aux, '__name__', type(aux).__name__)}>"
         return values
 
 
@@ -273,19 +330,28 @@ class EncodedSamples:
 
 
 def encode_samples(
-    dataset: Dataset, split: str, tokenizer, catalog: Catalog, domain: str = "items"
+    dataset: Dataset,
+    split: str,
+    tokenizer,
+    catalog: Catalog,
+    domain: str = "items",
+    max_prompt_tokens: int | None = None,
+    limit: int | None = None,
 ) -> EncodedSamples:
+    """The first ``limit`` samples of ``split`` (all with None), prompts cut to
+    ``max_prompt_tokens`` (:func:`flower_rec.prompts.fit_prompts`)."""
     titles = dataset.titles
-    samples = dataset.split(split)
-    texts = [build_prompt([titles[i] for i in s.history], domain) for s in samples]
+    samples = dataset.split(split)[:limit]
+    histories = [[titles[i] for i in s.history] for s in samples]
+    texts = fit_prompts(tokenizer, histories, max_prompt_tokens, domain)
     prompts = encode(tokenizer, texts, add_special_tokens=True)
     sequences = catalog.item_tokens.sequences
     return EncodedSamples(prompts, [list(sequences[s.target]) for s in samples])
 
 
 class _SampleSet(torch.utils.data.Dataset):
-    """The training samples as collator inputs; each carries its index (per-sample rewards and
-    rollout seeds key on it)."""
+    """The samples of a split as collator inputs; each carries its index in the split
+    (per-sample rewards and rollout seeds key on it)."""
 
     def __init__(self, encoded: EncodedSamples):
         self.encoded = encoded
@@ -360,10 +426,11 @@ def _unwrap(model):
     return get_base_model() if callable(get_base_model) else model
 
 
-def rollout_seed(seed: int, step: int, sample_index: Tensor) -> int:
+def rollout_seed(seed: int, step: int | str, sample_index: Tensor) -> int:
     """Seed of one batch's rollouts, a function of the run's seed, the optimizer step and the
     samples alone, so that a resumed run (same step, same batches) draws the same trajectories
-    and DDP ranks (different samples) draw different ones."""
+    and DDP ranks (different samples) draw different ones. Validation passes ``step="valid"``:
+    every evaluation then draws from the same seeds, whatever the training step."""
     key = f"{seed}:{step}:{','.join(map(str, sample_index.tolist()))}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
@@ -431,6 +498,11 @@ class FlowerObjective:
         self.max_length = width
         self._device_state: dict[torch.device, dict[str, Any]] = {}
         self._decoders: dict[int, TrieDecoder] = {}
+
+    @property
+    def personalised(self) -> bool:
+        """Whether the rewards need each sample's ``p_u``."""
+        return self.method == "flower" and self.reward_variant != "logp"
 
     @property
     def sampled(self) -> bool:
@@ -607,19 +679,35 @@ class FlowerObjective:
 
     # -- the loss -------------------------------------------------------------------------
 
-    def log_flows(self, sample_index: Tensor, device: torch.device) -> Tensor:
+    def log_flows(
+        self,
+        sample_index: Tensor,
+        device: torch.device,
+        probabilities: ProbabilitySource | None = None,
+    ) -> Tensor:
         """Node log-flows of the loss trie: ``[N]`` for popularity-only rewards, else ``[B, N]``
-        from each sample's personalised item rewards."""
+        from each sample's personalised item rewards, its p_u from ``probabilities`` (by
+        default the training samples' source)."""
         state = self._on(device)
         if "flows" in state:
             return state["flows"]
-        probabilities = self.probabilities(sample_index)
+        source = self.probabilities if probabilities is None else probabilities
+        probabilities = source(sample_index)
         rewards = self.rewards.item_log_rewards(
             self.reward_variant, probabilities.to(device), device=device
         )
         return state["trie"].log_flows(rewards)
 
-    def __call__(self, model, inputs: Mapping[str, Tensor], *, seed: int | None = None) -> LossTerms:
+    def __call__(
+        self,
+        model,
+        inputs: Mapping[str, Tensor],
+        *,
+        seed: int | None = None,
+        probabilities: ProbabilitySource | None = None,
+    ) -> LossTerms:
+        """The loss terms of a batch; ``seed`` seeds its rollouts, ``probabilities`` is the p_u
+        source of its samples (by default the training one)."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         targets, target_lengths = inputs["target_ids"], inputs["target_lengths"]
         device = input_ids.device
@@ -640,7 +728,7 @@ class FlowerObjective:
             return LossTerms(sft, sft)
 
         trie = self._on(device)["trie"]
-        flows = self.log_flows(inputs["sample_index"], device)
+        flows = self.log_flows(inputs["sample_index"], device, probabilities)
         if self.sampled:
             path = torch.cat(
                 [torch.zeros_like(lengths[:, None], dtype=torch.int32), trie.walk(actions, lengths)],
@@ -667,15 +755,31 @@ class FlowerObjective:
 class FlowerTrainer(Trainer):
     """:class:`transformers.Trainer` whose loss is a :class:`FlowerObjective`. The loss
     parts (``sft``, ``subtb`` / ``flow_matching``) are averaged over the micro-batches since
-    the last log (and over processes) and logged beside ``loss``."""
+    the last log (and over processes) and logged beside ``loss``; an evaluation logs
+    ``eval_loss`` and ``eval_<part>`` the same way.
 
-    def __init__(self, *args, objective: FlowerObjective, **kwargs):
+    ``eval_probabilities``: the p_u source of the evaluation samples (their ``sample_index``
+    indexes the evaluation dataset), needed with a personalised reward and an eval dataset."""
+
+    def __init__(
+        self,
+        *args,
+        objective: FlowerObjective,
+        eval_probabilities: ProbabilitySource | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        if objective.personalised and self.eval_dataset is not None and eval_probabilities is None:
+            # The training source would silently give other samples' p_u.
+            raise ValueError("evaluating a personalised reward needs eval_probabilities")
         self.objective = objective
+        self.eval_probabilities = eval_probabilities
         # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number
         # of gradient accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._parts: dict[str, list[Tensor]] = {}
+        self._eval_parts: dict[str, list[Tensor]] = {}  # per batch: part x batch size
+        self._eval_samples = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         seed = None
@@ -687,6 +791,42 @@ class FlowerTrainer(Trainer):
                 self._parts.setdefault(name, []).append(value)
         return (terms.loss, terms.scalars()) if return_outputs else terms.loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The objective's loss on an evaluation batch, nothing else (there are no logits to
+        gather). Replaces the Trainer's, which looks for ``labels`` among the inputs and, finding
+        none, would call the model on the collator's keys. The rollouts are seeded by the samples
+        alone and the p_u come from ``eval_probabilities``."""
+        inputs = self._prepare_inputs(inputs)
+        seed = None
+        if self.objective.sampled:
+            seed = rollout_seed(self.args.seed, "valid", inputs["sample_index"])
+        with torch.no_grad(), self.compute_loss_context_manager():
+            terms = self.objective(model, inputs, seed=seed, probabilities=self.eval_probabilities)
+        size = inputs["sample_index"].shape[0]
+        self._eval_samples += size
+        for name, value in terms.scalars().items():
+            self._eval_parts.setdefault(name, []).append(value.float() * size)
+        return terms.loss.detach(), None, None
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+        metric_key_prefix="eval",
+    ):
+        self._eval_parts, self._eval_samples = {}, 0
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        # Means over the samples of all processes, like the Trainer's eval_loss (which repeats
+        # each batch's loss once per sample); every process takes part in the reductions.
+        device = self.args.device
+        samples = self.accelerator.reduce(torch.tensor(float(self._eval_samples), device=device),
+                                          "sum")
+        for name, values in sorted(self._eval_parts.items()):
+            total = self.accelerator.reduce(torch.stack(values).sum().to(device), "sum")
+            output.metrics[f"{metric_key_prefix}_{name}"] = round(float(total / samples), 6)
+        self._eval_parts, self._eval_samples = {}, 0
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._parts:
             for name, values in sorted(self._parts.items()):
@@ -694,6 +834,18 @@ class FlowerTrainer(Trainer):
                 logs[name] = round(float(self.accelerator.reduce(mean, "mean")), 6)
             self._parts = {}
         super().log(logs, start_time)
+
+
+class _SaveBestCallback(TrainerCallback):
+    """Checkpoints every evaluation that improves eval_loss. ``load_best_model_at_end`` can
+    only restore a best evaluation that has a checkpoint: with ``save_steps`` a multiple
+    k > 1 of ``eval_steps`` the Trainer would otherwise restore the best of the checkpointed
+    evaluations, not the best one. (It runs before the Trainer updates ``best_metric``.)"""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get("eval_loss")
+        if value is not None and (state.best_metric is None or value < state.best_metric):
+            control.should_save = True
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -777,8 +929,11 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
     return model, tokenizer
 
 
-def _probability_source(aux, num_samples: int, num_items: int) -> ProbabilitySource | None:
-    """``aux_probabilities`` as a function of sample indices (tables are checked here)."""
+def _probability_source(
+    aux, num_samples: int, num_items: int, name: str = "aux_probabilities", split: str = "train"
+) -> ProbabilitySource | None:
+    """``aux_probabilities`` (or the field ``name``, the p_u of ``split``) as a function of
+    sample indices (tables are checked here)."""
     if aux is None:
         return None
     if callable(aux) and not isinstance(aux, Tensor):
@@ -786,7 +941,7 @@ def _probability_source(aux, num_samples: int, num_items: int) -> ProbabilitySou
     if isinstance(aux, (str, os.PathLike)):
         path = Path(aux)
         if not path.is_file():
-            raise TrainConfigError(f"aux_probabilities file {str(path)!r} does not exist")
+            raise TrainConfigError(f"{name} file {str(path)!r} does not exist")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -800,12 +955,12 @@ def _probability_source(aux, num_samples: int, num_items: int) -> ProbabilitySou
             aux = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(aux, Tensor):
         raise TrainConfigError(
-            f"aux_probabilities must be a tensor, a file or a callable, got {type(aux).__name__}"
+            f"{name} must be a tensor, a file or a callable, got {type(aux).__name__}"
         )
     if tuple(aux.shape) != (num_samples, num_items):
         raise TrainConfigError(
-            f"aux_probabilities has shape {tuple(aux.shape)}; expected [{num_samples}, "
-            f"{num_items}] (training samples x items)"
+            f"{name} has shape {tuple(aux.shape)}; expected [{num_samples}, "
+            f"{num_items}] ({split} samples x items)"
         )
     table = aux.detach().float().cpu()
 
@@ -856,6 +1011,7 @@ def _training_arguments(config: TrainConfig, run_dir: Path):
     from transformers import TrainingArguments
 
     accelerated = _has_accelerator()
+    early_stopping = config.early_stopping_patience is not None
 
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINT_DIR),
@@ -874,7 +1030,16 @@ def _training_arguments(config: TrainConfig, run_dir: Path):
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        eval_strategy="no",
+        eval_strategy="no" if config.eval_steps is None else "steps",
+        eval_steps=config.eval_steps,
+        per_device_eval_batch_size=config.batch_size,
+        prediction_loss_only=True,
+        # Early stopping keeps the checkpoint of the lowest eval_loss as the final model, and
+        # a resumed run continues its patience count (EarlyStoppingCallback's saved state).
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        greater_is_better=False if early_stopping else None,
+        restore_callback_states_from_checkpoint=early_stopping,
         seed=config.seed,
         report_to="none",
         disable_tqdm=not config.progress,
@@ -893,13 +1058,18 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     config.validate()
     run_dir = Path(config.out)
     dataset = load_dataset(config.data)
-    rewards = probabilities = None
+    rewards = probabilities = valid_probabilities = None
     if config.method == "flower":
         rewards = PopularityRewards.from_dataset(dataset, config.floor_count)
         if config.needs_probabilities:
             probabilities = _probability_source(
                 config.aux_probabilities, len(dataset.train), dataset.num_items
             )
+            if config.eval_steps is not None:
+                valid_probabilities = _probability_source(
+                    config.valid_aux_probabilities, len(dataset.valid), dataset.num_items,
+                    "valid_aux_probabilities", "valid",
+                )
         logger.info("%d titles without a training-history count get the floor count %s",
                     rewards.num_floored, config.floor_count)
 
@@ -919,7 +1089,18 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
             if config.model is None:
                 tokenizer.save_pretrained(run_dir)
     catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], config.domain))
-    encoded = encode_samples(dataset, "train", tokenizer, catalog, config.domain)
+    try:
+        encoded = encode_samples(
+            dataset, "train", tokenizer, catalog, config.domain, config.max_prompt_tokens
+        )
+        valid = None
+        if config.eval_steps is not None:
+            valid = _SampleSet(encode_samples(
+                dataset, "valid", tokenizer, catalog, config.domain, config.max_prompt_tokens,
+                config.valid_limit,
+            ))
+    except PromptCutoffError as error:
+        raise TrainConfigError(f"max_prompt_tokens: {error}") from None
     objective = FlowerObjective(
         catalog,
         tokenizer,
@@ -933,6 +1114,8 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     )
 
     all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]
+    if config.early_stopping_patience is not None:
+        all_callbacks += [EarlyStoppingCallback(config.early_stopping_patience), _SaveBestCallback()]
     if config.tensorboard and main:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -944,10 +1127,12 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         model=model,
         args=args,
         train_dataset=_SampleSet(encoded),
+        eval_dataset=valid,
         data_collator=RecommendationCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=all_callbacks,
         objective=objective,
+        eval_probabilities=valid_probabilities,
     )
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
 
