@@ -182,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="SFT vs Flower end to end on the synthetic dataset or yours (the main job)",
         description="Prepares the synthetic dataset (or reads --data), trains SASRec (p_u), "
-        "fine-tunes the tiny default model with SFT and with Flower, evaluates both on the test split with beam "
-        "search and sampled top-K, prints one side-by-side table and writes report.json and "
-        "groups.png. Stages already done in --out are skipped, so a rerun continues.",
+        "fine-tunes the tiny default model with SFT and with Flower, evaluates both on the test "
+        "split with beam search and sampled top-K, prints one side-by-side table and writes "
+        "report.json and groups.png. Stages already done in --out are skipped, so a rerun "
+        "continues.",
     )
     demo.add_argument("--out", default="flower-demo", help="output folder (default: flower-demo)")
     demo.add_argument(
@@ -194,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--domain", choices=sorted(DOMAINS), default="items", help="wording of the prompts"
     )
     demo.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
-    demo.add_argument("--seed", type=int, default=DemoConfig.seed, help="random seed of every stage")
+    demo.add_argument(
+        "--seed", type=int, default=DemoConfig.seed, help="random seed of every stage"
+    )
     demo.add_argument(
         "--epochs", type=float, default=DemoConfig.epochs,
         help=f"training epochs per method (default: {DemoConfig.epochs:g})",
@@ -288,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
     training.add_argument("--theta", type=float, help="weight of SFT (default 0.9995)")
     training.add_argument(
-        "--reward", choices=("logp", "logp_div_s", "logp_add_logs"),
+        "--reward", choices=REWARD_VARIANTS,
         help="item reward variant (logp_div_s, the paper's default, needs --aux)",
     )
     training.add_argument("--aux", help="a train-aux output folder (SASRec giving p_u)")

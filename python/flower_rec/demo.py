@@ -1,8 +1,9 @@
 """``flower-rec demo``: SFT and Flower side by side, on the embedded synthetic dataset or yours.
 
-Prepares the synthetic default dataset (or reads the dataset folder given as ``data``), trains the auxiliary SASRec (p_u for the personalised
-reward), fine-tunes the tiny default model with SFT and with Flower, evaluates both on the test
-split with beam search and with sampled top-K, and writes ``report.json`` and ``groups.png``
+Prepares the synthetic default dataset (or reads the dataset folder given as ``data``), trains
+the auxiliary SASRec (p_u for the personalised reward), fine-tunes the tiny default model with
+SFT and with Flower (or the given variants), evaluates each on the test split with beam search
+and with sampled top-K, and writes ``report.json`` and ``groups.png``
 (recommendation share vs training share per popularity group, every method and decoding).
 
 Every stage leaves its result in the output folder and is skipped when it is already there, and
