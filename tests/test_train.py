@@ -484,6 +484,28 @@ def test_ddp_two_processes(data_dir, dataset, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("engine", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_on_policy_flower_refuses_sharded_engines(dataset, tokenizer, catalog, tmp_path, engine,
+                                                  monkeypatch):
+    """The rollout generates with the unwrapped module: under FSDP or DeepSpeed it would fail or
+    sample from a partial model, so the trainer says so up front; SFT is let through."""
+    from transformers import Trainer
+
+    create = Trainer.create_accelerator_and_postprocess
+
+    def sharded(self):
+        create(self)
+        setattr(self, engine, True)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    flower = objective(dataset, tokenizer, catalog, method="flower", reward_variant="logp")
+    with pytest.raises(ValueError, match="not under FSDP or DeepSpeed"):
+        FlowerTrainer(model=new_model(tokenizer), args=args, objective=flower)
+    sft = objective(dataset, tokenizer, catalog, method="sft")
+    FlowerTrainer(model=new_model(tokenizer), args=args, objective=sft)
+
+
 # -- validation and early stopping ------------------------------------------------------------
 
 

@@ -769,6 +769,14 @@ class FlowerTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if objective.sampled and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            # The rollout generates with the unwrapped module, whose parameters FSDP and
+            # DeepSpeed shard (ZeRO-3) or manage: it would fail or sample from a partial model.
+            raise ValueError(
+                "on-policy Flower (flow_loss='subtb') runs under one process, DDP (torchrun / "
+                "accelerate launch) or LoRA, not under FSDP or DeepSpeed; use DDP, or "
+                "flow_loss='flow_matching' / method='sft', which do not sample"
+            )
         if objective.personalised and self.eval_dataset is not None and eval_probabilities is None:
             # The training source would silently give other samples' p_u.
             raise ValueError("evaluating a personalised reward needs eval_probabilities")
