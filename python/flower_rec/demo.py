@@ -40,7 +40,7 @@ class DemoConfig:
     quick: bool = False
     seed: int = 0
     epochs: float = 2.0
-    theta: float = 0.99
+    theta: float = 0.9995
     reward: str = "logp_div_s"
     eval_limit: int | None = None
 
@@ -65,7 +65,7 @@ class Variant:
 
     name: str
     method: str = "sft"
-    theta: float = 0.99
+    theta: float = 0.9995
     reward: str = "logp_div_s"
     flow_loss: str = "subtb"
     seed: int = 0
