@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flower_rec.cli import main
-from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, run_demo
+from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, claim_verdicts, run_demo
 from flower_rec.prepare import prepare_synthetic
 
 
@@ -21,6 +21,8 @@ def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, 
         assert metrics["num_samples"] == 40 and metrics["invalid_outputs"] == 0
         assert all(name in metrics for name in COLUMNS) and metrics["train_seconds"] > 0
         assert f"| {label} |" in table
+    assert [line.split(":")[0] for line in report["claim"]] == list(DECODINGS)
+    assert all(line in table for line in report["claim"])
     assert (out / "groups.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "runs" / "flower" / "metrics.jsonl").read_text().count('"subtb"') > 0
 
@@ -39,7 +41,7 @@ def test_demo_runs_on_a_given_dataset_folder_with_its_own_variants(tmp_path):
     report = run_demo(config, variants)
     assert not (tmp_path / "out" / "data").exists()  # the given folder is used as it is
     assert list(report["results"]) == [f"{v}, {d}" for v in ("sft-a", "fm") for d in DECODINGS]
-    assert report["variants"][1]["flow_loss"] == "flow_matching"
+    assert report["variants"][1]["flow_loss"] == "flow_matching" and "claim" not in report
     metrics = (tmp_path / "out" / "runs" / "fm" / "metrics.jsonl").read_text()
     assert '"flow_matching"' in metrics
     evaluation = tmp_path / "out" / "runs" / "fm" / "evaluation-beam.json"
@@ -49,3 +51,15 @@ def test_demo_runs_on_a_given_dataset_folder_with_its_own_variants(tmp_path):
 def test_demo_rejects_two_variants_with_one_name(tmp_path):
     with pytest.raises(ValueError, match="unique"):
         run_demo(DemoConfig(out=str(tmp_path)), [Variant("a"), Variant("a", "flower")])
+
+
+def test_claim_verdicts_name_each_unmet_condition():
+    sft = {"DGU": 0.5, "MGU": 0.1, "word_entropy": 4.0, "NDCG@10": 0.10}
+    better = {"DGU": 0.2, "MGU": 0.05, "word_entropy": 5.0, "NDCG@10": 0.095}
+    worse = {"DGU": 0.6, "MGU": 0.05, "word_entropy": 5.0, "NDCG@10": 0.08}
+    results = {"sft, beam": sft, "flower, beam": better,
+               "sft, sampled-top-k": sft, "flower, sampled-top-k": worse}
+    beam, sampled = claim_verdicts(results)
+    assert beam.startswith("beam: the paper's claim is reproduced: DGU 0.5000 -> 0.2000")
+    assert "NOT reproduced (not met: DGU lower, NDCG@10 >= 0.9x)" in sampled
+    assert "0.80x sft's" in sampled

@@ -169,6 +169,8 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
         "GH": shares,
         "results": rows,
     }
+    if {"sft", "flower"} <= set(names):
+        report["claim"] = claim_verdicts(rows)
     write_report(report, out / "report.json")
     plot_group_shares(
         shares,
@@ -192,10 +194,34 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def claim_verdicts(results: dict, baseline: str = "sft", method: str = "flower") -> list[str]:
+    """One line per decoding: does ``method`` meet the paper's claim against ``baseline`` (lower
+    DGU and MGU, higher word entropy, NDCG@10 at least 0.9x), and by which numbers."""
+    lines = []
+    for decoding in DECODINGS:
+        ours, theirs = results[f"{method}, {decoding}"], results[f"{baseline}, {decoding}"]
+        checks = {
+            "DGU lower": ours["DGU"] < theirs["DGU"],
+            "MGU lower": ours["MGU"] < theirs["MGU"],
+            "entropy higher": ours["word_entropy"] > theirs["word_entropy"],
+            "NDCG@10 >= 0.9x": ours["NDCG@10"] >= 0.9 * theirs["NDCG@10"],
+        }
+        failed = [name for name, passed in checks.items() if not passed]
+        verdict = "reproduced" if not failed else f"NOT reproduced (not met: {', '.join(failed)})"
+        lines.append(
+            f"{decoding}: the paper's claim is {verdict}: DGU {theirs['DGU']:.4f} -> "
+            f"{ours['DGU']:.4f}, MGU {theirs['MGU']:.4f} -> {ours['MGU']:.4f}, entropy "
+            f"{theirs['word_entropy']:.3f} -> {ours['word_entropy']:.3f}, NDCG@10 "
+            f"{ours['NDCG@10'] / theirs['NDCG@10']:.2f}x {baseline}'s"
+        )
+    return lines
+
+
 def main_demo(config: DemoConfig) -> int:
     started = time.perf_counter()
     report = run_demo(config)
     print(format_table(report))
+    print("\n" + "\n".join(report["claim"]))
     out = Path(config.out)
     print(f"\nwrote {out / 'report.json'} and {out / 'groups.png'} "
           f"in {time.perf_counter() - started:.0f} s")
