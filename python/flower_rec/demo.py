@@ -194,24 +194,36 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# How much better a fairness metric must be to count: about two standard deviations of three
+# SFT seeds in docs/ablation.md (beam DGU 0.554 +- 0.030, MGU 0.104 +- 0.005, word entropy
+# 4.77 +- 0.05); a smaller difference is no difference.
+CLAIM_MARGINS = {"DGU": 0.10, "MGU": 0.10, "word_entropy": 0.02}
+
+
 def claim_verdicts(results: dict, baseline: str = "sft", method: str = "flower") -> list[str]:
-    """One line per decoding: does ``method`` meet the paper's claim against ``baseline`` (lower
-    DGU and MGU, higher word entropy, NDCG@10 at least 0.9x), and by which numbers."""
+    """One line per decoding: does ``method`` meet the paper's claim against ``baseline`` (DGU
+    and MGU lower, word entropy higher, each by more than :data:`CLAIM_MARGINS`; NDCG@10 at
+    least 0.9x), and by which numbers."""
     lines = []
     for decoding in DECODINGS:
         ours, theirs = results[f"{method}, {decoding}"], results[f"{baseline}, {decoding}"]
+        change = {
+            name: ours[name] / theirs[name] - 1 if theirs[name] else 0.0 for name in CLAIM_MARGINS
+        }
         checks = {
-            "DGU lower": ours["DGU"] < theirs["DGU"],
-            "MGU lower": ours["MGU"] < theirs["MGU"],
-            "entropy higher": ours["word_entropy"] > theirs["word_entropy"],
+            f"DGU {CLAIM_MARGINS['DGU']:.0%} lower": change["DGU"] <= -CLAIM_MARGINS["DGU"],
+            f"MGU {CLAIM_MARGINS['MGU']:.0%} lower": change["MGU"] <= -CLAIM_MARGINS["MGU"],
+            f"entropy {CLAIM_MARGINS['word_entropy']:.0%} higher":
+                change["word_entropy"] >= CLAIM_MARGINS["word_entropy"],
             "NDCG@10 >= 0.9x": ours["NDCG@10"] >= 0.9 * theirs["NDCG@10"],
         }
         failed = [name for name, passed in checks.items() if not passed]
         verdict = "reproduced" if not failed else f"NOT reproduced (not met: {', '.join(failed)})"
         lines.append(
             f"{decoding}: the paper's claim is {verdict}: DGU {theirs['DGU']:.4f} -> "
-            f"{ours['DGU']:.4f}, MGU {theirs['MGU']:.4f} -> {ours['MGU']:.4f}, entropy "
-            f"{theirs['word_entropy']:.3f} -> {ours['word_entropy']:.3f}, NDCG@10 "
+            f"{ours['DGU']:.4f} ({change['DGU']:+.0%}), MGU {theirs['MGU']:.4f} -> "
+            f"{ours['MGU']:.4f} ({change['MGU']:+.0%}), entropy {theirs['word_entropy']:.3f} -> "
+            f"{ours['word_entropy']:.3f} ({change['word_entropy']:+.1%}), NDCG@10 "
             f"{ours['NDCG@10'] / theirs['NDCG@10']:.2f}x {baseline}'s"
         )
     return lines
