@@ -3,9 +3,9 @@
 Trains every variant below with the tiny default model on the default synthetic dataset (the
 demo's data and SASRec, seed 0), evaluates each with beam search and sampled top-K on the test
 split, and prints one table per decoding mode, with the mean and standard deviation over seeds
-where a variant was trained with several. Everything lands in ``--out`` (the demo's layout: data/,
-aux/, runs/<variant>/, report.json, groups.png) and a rerun skips what is done, so an
-interrupted ablation continues.
+where a variant was trained with several. Everything lands in ``--out`` (the demo's layout:
+synthetic/, aux/, runs/<variant>/, report.json, groups.png) and a rerun skips what is done, so
+an interrupted ablation continues.
 
     python scripts/ablation.py --out runs/ablation       # ~75 minutes: 13 runs, 1 thread each
 """

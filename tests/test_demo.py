@@ -39,7 +39,7 @@ def test_demo_runs_on_a_given_dataset_folder_with_its_own_variants(tmp_path):
     config = DemoConfig(out=str(tmp_path / "out"), data=str(data), quick=True, eval_limit=12)
     variants = [Variant("sft-a"), Variant("fm", "flower", 0.9, "logp", "flow_matching", seed=3)]
     report = run_demo(config, variants)
-    assert not (tmp_path / "out" / "data").exists()  # the given folder is used as it is
+    assert not (tmp_path / "out" / "synthetic").exists()  # the given folder is used as it is
     assert list(report["results"]) == [f"{v}, {d}" for v in ("sft-a", "fm") for d in DECODINGS]
     assert report["variants"][1]["flow_loss"] == "flow_matching" and "claim" not in report
     metrics = (tmp_path / "out" / "runs" / "fm" / "metrics.jsonl").read_text()

@@ -147,7 +147,7 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
     if config.data is not None:
         data = Path(config.data)
     else:
-        data = out / "data"
+        data = out / "synthetic"
         if not (data / "info").is_dir():
             prepare_synthetic(data, seed=config.seed)
     dataset = load_dataset(data)
@@ -176,7 +176,7 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
         shares,
         {label: metrics["GP"] for label, metrics in rows.items()},
         out / "groups.png",
-        title=f"Recommendation share per popularity group ({data.name} test split)",
+        title=f"Recommendation share per popularity group ({dataset.name} test split)",
     )
     return report
 
