@@ -13,7 +13,7 @@ from .data import Dataset, popularity_counts, popularity_groups
 from .decoding import Catalog, TrieDecoder
 from .files import atomic_open
 from .metrics import evaluate_recommendations, group_shares, write_report
-from .prompts import build_prompt, fit_prompts
+from .prompts import build_prompt, sample_prompts
 
 DecodingMode = Literal["beam", "sampled-top-k", "sample"]
 DECODING_MODES: tuple[DecodingMode, ...] = ("beam", "sampled-top-k", "sample")
@@ -55,8 +55,7 @@ def recommend(
     ``max_prompt_tokens``: the prompt cutoff of training (oldest history titles dropped)."""
     samples = dataset.split(split)[:limit]
     titles = dataset.titles
-    histories = [[titles[i] for i in s.history] for s in samples]
-    prompts = fit_prompts(decoder.tokenizer, histories, max_prompt_tokens, domain)
+    prompts = sample_prompts(decoder.tokenizer, titles, samples, max_prompt_tokens, domain)
     if mode == "beam":
         recommendations = decoder.beam_search(prompts, num_beams=k)
     elif mode == "sampled-top-k":

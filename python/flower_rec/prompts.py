@@ -50,6 +50,7 @@ __all__ = [
     "instruction_text",
     "item_token_sequences",
     "response_text",
+    "sample_prompts",
 ]
 
 PROMPT_TEMPLATE = (
@@ -163,6 +164,20 @@ def fit_prompts(
             dropped[i] += 1
             prompts[i] = build_prompt(histories[i][dropped[i]:], domain, quote_titles=quote_titles)
     return prompts
+
+
+def sample_prompts(
+    tokenizer,
+    titles: Sequence[str],
+    samples: Sequence,
+    max_tokens: int | None = None,
+    domain: str | Domain = "items",
+) -> list[str]:
+    """The prompt of each sample (its ``history`` of item ids, oldest first, as ``titles``)
+    under the cutoff of :func:`fit_prompts`: the one place training and evaluation build their
+    prompts, so the two always agree."""
+    histories = [[titles[i] for i in sample.history] for sample in samples]
+    return fit_prompts(tokenizer, histories, max_tokens, domain)
 
 
 def response_text(title: str) -> str:

@@ -76,7 +76,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from .data import Dataset, load_dataset
 from .decoding import Catalog, TrieDecoder
-from .prompts import DOMAINS, PromptCutoffError, build_prompt, encode, fit_prompts
+from .prompts import DOMAINS, PromptCutoffError, build_prompt, encode, sample_prompts
 from .rewards import DEFAULT_FLOOR_COUNT, REWARD_VARIANTS, PopularityRewards
 
 __all__ = [
@@ -339,11 +339,9 @@ def encode_samples(
     limit: int | None = None,
 ) -> EncodedSamples:
     """The first ``limit`` samples of ``split`` (all with None), prompts cut to
-    ``max_prompt_tokens`` (:func:`flower_rec.prompts.fit_prompts`)."""
-    titles = dataset.titles
+    ``max_prompt_tokens`` (:func:`flower_rec.prompts.sample_prompts`)."""
     samples = dataset.split(split)[:limit]
-    histories = [[titles[i] for i in s.history] for s in samples]
-    texts = fit_prompts(tokenizer, histories, max_prompt_tokens, domain)
+    texts = sample_prompts(tokenizer, dataset.titles, samples, max_prompt_tokens, domain)
     prompts = encode(tokenizer, texts, add_special_tokens=True)
     sequences = catalog.item_tokens.sequences
     return EncodedSamples(prompts, [list(sequences[s.target]) for s in samples])
