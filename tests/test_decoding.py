@@ -8,6 +8,7 @@ processor) for beam search, and exact sampling without replacement in numpy for 
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
@@ -23,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from flower_rec.decoding import Catalog, TrieDecoder
+from flower_rec.decoding import GUIDANCE_FORMS, Catalog, Guidance, TrieDecoder
 from flower_rec.prompts import build_prompt, item_token_sequences
 from helpers_data import synthetic_titles, train_bpe
 
@@ -162,12 +163,14 @@ def test_trie_probabilities_sum_to_one(model, tokenizer, catalog, prompts):
 # -- beam search ------------------------------------------------------------------------------
 
 
-def generate_beams(model, tokenizer, catalog, prompts, num_beams=10):
-    """transformers' beam search constrained by flower_ext's logits processor: item ids and
-    sequence scores, ``[P, num_beams]``."""
+def generate_beams(model, tokenizer, catalog, prompts, num_beams=10, **guidance):
+    """transformers' beam search constrained by flower_ext's logits processor (flow-guided with
+    ``log_flows`` and ``beta``): item ids and sequence scores, ``[P, num_beams]``."""
     inputs = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     prompt_length = inputs["input_ids"].shape[1]
-    processor = TrieLogitsProcessor(catalog.trie, prompt_length, tokenizer.eos_token_id)
+    processor = TrieLogitsProcessor(
+        catalog.trie, prompt_length, tokenizer.eos_token_id, **guidance
+    )
     config = GenerationConfig(
         num_beams=num_beams,
         num_return_sequences=num_beams,
@@ -397,3 +400,156 @@ def test_seeds_repeat(model, tokenizer, catalog, prompts):
         dec.sample_items(prompts, num_samples=3, seed=2),
         dec.sample_items(prompts, num_samples=3, seed=4),
     )
+
+
+# -- flow guidance ----------------------------------------------------------------------------
+
+
+def random_prior(catalog, seed: int, rows: int | None = None) -> torch.Tensor:
+    """A long-tailed item log-prior (log of Zipf-like counts in a random order)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (catalog.num_items,) if rows is None else (rows, catalog.num_items)
+    ranks = torch.rand(shape, generator=generator).argsort(dim=-1).double() + 1
+    return -1.2 * torch.log(ranks)
+
+
+@pytest.mark.parametrize("form", GUIDANCE_FORMS)
+def test_zero_beta_decodes_as_without_guidance_bit_for_bit(
+    model, tokenizer, catalog, prompts, form
+):
+    dec = decoder(model, tokenizer, catalog, batch_size=3)
+    off = Guidance(random_prior(catalog, 0), 0.0, form)
+    for method, options in [
+        (dec.beam_search_items, {}),
+        (dec.sampled_top_k_items, {"k": 5, "seed": 3}),
+        (dec.exact_top_k, {"k": 10}),
+    ]:
+        plain, guided = method(prompts, **options), method(prompts, guidance=off, **options)
+        assert torch.equal(plain[0], guided[0]) and torch.equal(plain[1], guided[1])
+    plain = dec.sample_items(prompts, num_samples=4, seed=1)
+    assert torch.equal(plain, dec.sample_items(prompts, num_samples=4, seed=1, guidance=off))
+
+
+@pytest.mark.parametrize("form", GUIDANCE_FORMS)
+def test_guided_beam_search_is_exact_when_the_beam_holds_the_catalog(
+    model, tokenizer, small_catalog, prompts, form
+):
+    """10 beams over 8 items: the guided list is every item, ranked by the exact guided score."""
+    dec = decoder(model, tokenizer, small_catalog, batch_size=4)
+    guidance = Guidance(random_prior(small_catalog, 1), 0.8, form)
+    items, scores = dec.beam_search_items(prompts, num_beams=10, guidance=guidance)
+    exact = dec.exact_beam_scores(prompts, guidance=guidance)
+    expected = exact.argsort(dim=1, descending=True)
+    assert torch.equal(items[:, :8], expected)
+    torch.testing.assert_close(scores[:, :8], exact.gather(1, expected), rtol=0, atol=1e-4)
+    top_items, top_scores = dec.exact_top_k(prompts, k=8, guidance=guidance)
+    assert torch.equal(top_items, expected)
+
+
+@pytest.mark.parametrize("form", GUIDANCE_FORMS)
+def test_guided_beam_scores_are_exact_guided_scores(model, tokenizer, catalog, prompts, form):
+    dec = decoder(model, tokenizer, catalog)
+    guidance = Guidance(random_prior(catalog, 2), 0.5, form)
+    items, scores = dec.beam_search_items(prompts, guidance=guidance)
+    exact = dec.exact_beam_scores(prompts, guidance=guidance)
+    torch.testing.assert_close(scores, exact.gather(1, items), rtol=0, atol=1e-4)
+    plain_items, _ = dec.beam_search_items(prompts)
+    assert not torch.equal(items, plain_items)  # the guidance changes the lists
+
+
+def test_guidance_moves_lists_toward_the_tail_of_the_prior(model, tokenizer, catalog, prompts):
+    """The larger beta, the lower the mean prior share of the recommended items."""
+    dec = decoder(model, tokenizer, catalog, batch_size=7)
+    prior = random_prior(catalog, 3)
+    means = []
+    for beta in (0.0, 1.0, 3.0):
+        items, _ = dec.beam_search_items(prompts, guidance=Guidance(prior, beta))
+        means.append(float(prior[items].mean()))
+    assert means[0] > means[1] > means[2]
+
+
+def test_zero_prior_items_are_never_recommended(model, tokenizer, catalog, prompts):
+    dec = decoder(model, tokenizer, catalog, batch_size=4)
+    plain, _ = dec.beam_search_items(prompts)
+    excluded = plain[:, :3].unique()
+    prior = random_prior(catalog, 4)
+    prior[excluded] = -math.inf
+    for beta in (0.0, 0.5):
+        guidance = Guidance(prior, beta)
+        outputs = [
+            dec.beam_search_items(prompts, guidance=guidance)[0],
+            dec.sampled_top_k_items(prompts, k=10, seed=0, guidance=guidance)[0],
+            dec.sample_items(prompts, num_samples=20, seed=0, guidance=guidance),
+            dec.exact_top_k(prompts, k=10, guidance=guidance)[0],
+        ]
+        for items in outputs:
+            assert (items >= 0).all() and not torch.isin(items, excluded).any()
+
+
+def test_per_prompt_priors_equal_each_prompts_own_shared_prior(
+    model, tokenizer, catalog, prompts
+):
+    dec = decoder(model, tokenizer, catalog, batch_size=3)
+    priors = random_prior(catalog, 5, rows=len(prompts))
+    items, scores = dec.beam_search_items(prompts, guidance=Guidance(priors, 0.7, "item"))
+    for row, prompt in enumerate(prompts):
+        alone = dec.beam_search_items([prompt], guidance=Guidance(priors[row], 0.7, "item"))
+        assert torch.equal(items[row], alone[0][0])
+        torch.testing.assert_close(scores[row], alone[1][0], rtol=0, atol=1e-5)
+
+
+def test_guided_sampling_matches_the_exact_guided_distribution(
+    model, tokenizer, small_catalog, short_prompts
+):
+    dec = decoder(model, tokenizer, small_catalog, batch_size=DRAWS)
+    guidance = Guidance(random_prior(small_catalog, 6), 1.0)
+    exact = dec.exact_item_log_probs(short_prompts[:1], guidance=guidance)[0].double().exp()
+    plain = dec.exact_item_log_probs(short_prompts[:1])[0].double().exp()
+    assert torch.allclose(exact.sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5)
+    assert (exact - plain).abs().max() > 0.05  # the guidance reshapes the distribution
+    samples = dec.sample_items(short_prompts[:1], num_samples=DRAWS, seed=7, guidance=guidance)
+    assert_fits(samples, exact.numpy())
+    top, _ = dec.sampled_top_k_items(short_prompts[:1] * DRAWS, k=1, seed=8, guidance=guidance)
+    assert_fits(top, exact.numpy())
+
+
+def test_transformers_beam_search_with_the_guided_processor_is_the_normalized_form(
+    model, tokenizer, catalog, prompts
+):
+    """Per-token guidance inside ``generate(num_beams=10)`` gives our guided beam search's
+    lists and scores in the "normalized" form."""
+    prior = random_prior(catalog, 7)
+    guidance = Guidance(prior, 0.6, "normalized")
+    flows = catalog.trie.log_flows(prior)
+    items, scores = decoder(model, tokenizer, catalog, batch_size=3).beam_search_items(
+        prompts, guidance=guidance
+    )
+    expected_items, expected_scores = generate_beams(
+        model, tokenizer, catalog, prompts, log_flows=flows, beta=0.6
+    )
+    assert torch.equal(items, expected_items)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-4)
+
+
+def test_bad_guidance_is_a_value_error_naming_it(model, tokenizer, catalog, prompts):
+    prior = random_prior(catalog, 8)
+    for bad, match in [
+        ({"beta": math.nan}, "beta must be finite"),
+        ({"beta": "0.5"}, "beta must be a number"),
+        ({"form": "sum"}, "form must be one of"),
+        ({"log_prior": prior.long()}, "floating-point"),
+        ({"log_prior": torch.full_like(prior, math.nan)}, "NaN or \\+inf"),
+        ({"log_prior": torch.full_like(prior, -math.inf)}, "excludes every item"),
+        ({"log_prior": prior[None, None]}, "shape"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Guidance(**{"log_prior": prior, "beta": 0.5, **bad})
+    dec = decoder(model, tokenizer, catalog)
+    with pytest.raises(ValueError, match="has 39 items, the catalog 40"):
+        dec.beam_search_items(prompts, guidance=Guidance(prior[:-1]))
+    with pytest.raises(ValueError, match="2 rows for 7 prompts"):
+        dec.sampled_top_k_items(prompts, guidance=Guidance(random_prior(catalog, 0, rows=2)))
+    with pytest.raises(ValueError, match="normalize='trie'"):
+        dec.exact_item_log_probs(prompts, normalize="model", guidance=Guidance(prior))
+    with pytest.raises(ValueError, match="must be a Guidance"):
+        dec.beam_search_items(prompts, guidance=0.5)

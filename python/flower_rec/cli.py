@@ -56,7 +56,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_dataset
-    from .evaluate import evaluate, write_evaluation
+    from .evaluate import evaluate, resolve_guidance, write_evaluation
+    from .rewards import PopularityRewards
+
+    resolve_guidance(args.guidance, args.guidance_form)  # a bad value fails before any loading
 
     dataset = load_dataset(args.data)
     torch.manual_seed(args.seed)
@@ -65,12 +68,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     target = None
     if args.target_distribution:
         target = json.loads(Path(args.target_distribution).read_text(encoding="utf-8"))
+    prior = None
+    if args.guidance_prior:
+        counts = json.loads(Path(args.guidance_prior).read_text(encoding="utf-8"))
+        prior = PopularityRewards.from_counts(dataset.titles, counts).item_log_rewards(
+            "logp", dtype=torch.float64
+        )
     evaluation = evaluate(
         model, tokenizer, dataset, split=args.split, mode=args.mode, k=args.k,
         domain=args.domain, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
         temperature=args.temperature, target_distribution=target,
-        max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, guidance=args.guidance,
+        guidance_form=args.guidance_form, guidance_prior=prior,
+        guidance_users=args.guidance_users,
     )
+    if evaluation.selection is not None:
+        print(evaluation.selection.summary())
     config = {key: value for key, value in vars(args).items() if key != "handler"}
     path = write_evaluation(evaluation, args.out, f"{args.mode} ({Path(args.model).name})", config)
     for name in SUMMARY_METRICS:
@@ -125,15 +138,14 @@ def _train_aux(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .data import load_dataset
+    from .files import read_yaml
     from .train import TrainConfig, train
 
     options = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as handle:
-            options = yaml.safe_load(handle) or {}
+        options = read_yaml(args.config)
+        if options is None:  # an empty file
+            options = {}
         if not isinstance(options, dict):
             raise ValueError(f"{args.config}: expected a mapping of training options")
     overrides = {
@@ -141,15 +153,17 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None and key not in ("command", "handler", "config", "aux")
     }
     options.update(overrides)
+    config = TrainConfig.from_dict(options)  # every option's type and range, before any work
     if args.aux:
+        from .data import load_dataset
         from .sasrec import SASRec, training_probabilities
 
-        dataset = load_dataset(options["data"])
+        dataset = load_dataset(config.data)
         aux = SASRec.load(args.aux)
-        options["aux_probabilities"] = training_probabilities(aux, dataset)
-        if options.get("eval_steps") is not None:  # validation samples have p_u of their own
-            options["valid_aux_probabilities"] = training_probabilities(aux, dataset, "valid")
-    run = train(TrainConfig.from_dict(options))
+        config.aux_probabilities = training_probabilities(aux, dataset)
+        if config.eval_steps is not None:  # validation samples have p_u of their own
+            config.valid_aux_probabilities = training_probabilities(aux, dataset, "valid")
+    run = train(config)
     print(f"wrote {run}")
     return 0
 
@@ -161,6 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
         DemoConfig(
             out=args.out, data=args.data, domain=args.domain, quick=args.quick, seed=args.seed,
             epochs=args.epochs, theta=args.theta, reward=args.reward, eval_limit=args.eval_limit,
+            guidance=args.guidance, guidance_users=args.guidance_users,
         )
     )
 
@@ -174,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from .demo import DemoConfig
+    from .decoding import GUIDANCE_FORMS
     from .evaluate import DECODING_MODES
     from .prompts import DOMAINS
     from .rewards import REWARD_VARIANTS
@@ -183,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="SFT vs Flower end to end on the synthetic dataset or yours (the main job)",
         description="Prepares the synthetic dataset (or reads --data), trains SASRec (p_u), "
         "fine-tunes the tiny default model with SFT and with Flower, evaluates both on the test "
-        "split with beam search and sampled top-K, prints one side-by-side table and writes "
+        "split with beam search, flow-guided beam search (the guidance chosen on the valid "
+        "split) and sampled top-K, prints one side-by-side table and writes "
         "report.json and groups.png. Stages already done in --out are skipped, so a rerun "
         "continues.",
     )
@@ -211,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Flower's item reward variant (default: {DemoConfig.reward})",
     )
     demo.add_argument("--eval-limit", type=int, help="evaluate the first N test samples only")
+    demo.add_argument(
+        "--guidance", default=DemoConfig.guidance, metavar="BETA|auto",
+        help="flow guidance of the guided-beam rows: 'auto' (default) chooses beta and its form "
+        "on the valid split (lowest DGU at NDCG@10 >= 0.95x unguided), or a beta",
+    )
+    demo.add_argument(
+        "--guidance-users", type=int, default=DemoConfig.guidance_users,
+        help=f"valid samples the guidance is chosen on (default: {DemoConfig.guidance_users})",
+    )
     demo.set_defaults(handler=_demo)
 
     prepare = commands.add_parser("prepare", help="build a dataset folder from raw data")
@@ -331,10 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="decode a split with a model and compute every metric",
         description="Recommends for every sample of a split with trie-constrained decoding (beam "
-        "search, or sampled top-K without replacement) and writes metrics.json (HR@K, NDCG@K, "
-        "DGU, MGU, word entropy, type-token ratio, distinct titles, invalid outputs), "
-        "recommendations.jsonl and groups.png (recommendation share vs training share per "
-        "popularity group).",
+        "search, or sampled top-K without replacement), optionally flow-guided, and writes "
+        "metrics.json (HR@K, NDCG@K, DGU, MGU, word entropy, type-token ratio, distinct titles, "
+        "invalid outputs, the guidance setting), recommendations.jsonl, groups.png "
+        "(recommendation share vs training share per popularity group) and, with --guidance "
+        "auto, guidance.png (NDCG@10 against DGU over beta).",
     )
     evaluation.add_argument("--data", required=True, help="dataset folder")
     evaluation.add_argument("--model", required=True, help="Hugging Face causal LM (local folder)")
@@ -353,6 +380,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     evaluation.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
     evaluation.add_argument("--temperature", type=float, default=1.0, help="of sampled decoding")
+    evaluation.add_argument(
+        "--guidance", default="0", metavar="BETA|auto",
+        help="flow guidance: each item's score gets -BETA x log(R(i)/Z) under the prior R (the "
+        "training popularity unless --guidance-prior); 0 turns it off (default); 'auto' (beam) "
+        "chooses BETA and the form on the valid split: the lowest DGU at NDCG@10 >= 0.95x "
+        "unguided",
+    )
+    evaluation.add_argument(
+        "--guidance-form", choices=GUIDANCE_FORMS, default="normalized",
+        help="beam search: divide the guidance by the length with the model term (normalized, "
+        "the default), or add it once per item (item)",
+    )
+    evaluation.add_argument(
+        "--guidance-prior", metavar="JSON",
+        help="JSON {title: count} of the guidance prior (default: training popularity)",
+    )
+    evaluation.add_argument(
+        "--guidance-users", type=int, default=1000,
+        help="valid samples the 'auto' selection uses (a seeded subset)",
+    )
     evaluation.add_argument(
         "--target-distribution",
         help="JSON {title: count} to compare the recommended titles with (KL(m||b), KL(b||m), JS)",

@@ -1,5 +1,7 @@
 """Evaluating a recommender on a split: decode top-K lists for every sample, then every metric of
-the paper (docs/method.md section 4) against the training popularity groups."""
+the paper (docs/method.md section 4) against the training popularity groups; optionally with flow
+guidance (:mod:`flower_rec.decoding.guidance`), set by hand or chosen on the valid split
+(:mod:`flower_rec.guidance_selection`)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+from torch import Tensor
+
 from .data import Dataset, popularity_counts, popularity_groups
-from .decoding import Catalog, TrieDecoder
+from .decoding import GUIDANCE_FORMS, Catalog, Guidance, TrieDecoder
 from .files import atomic_open
+from .guidance_selection import GuidanceSelection, select_guidance
 from .metrics import evaluate_recommendations, group_shares, write_report
 from .prompts import build_prompt, sample_prompts
+from .rewards import PopularityRewards
 
 DecodingMode = Literal["beam", "sampled-top-k", "sample"]
 DECODING_MODES: tuple[DecodingMode, ...] = ("beam", "sampled-top-k", "sample")
@@ -26,6 +33,31 @@ class Evaluation:
     metrics: dict
     recommendations: list[list[str]]
     targets: list[str]
+    selection: GuidanceSelection | None = None
+
+
+def popularity_prior(dataset: Dataset) -> Tensor:
+    """The default guidance prior: ``log(R(i) / Z)`` of the training popularity (history
+    counts, unseen titles at the floor count, duplicate titles sharing their reward), ``[I]``
+    float64."""
+    rewards = PopularityRewards.from_dataset(dataset)
+    return rewards.item_log_rewards("logp", dtype=torch.float64)
+
+
+def resolve_guidance(guidance: str | float | None, form: str = "normalized") -> tuple:
+    """``(auto, beta, form)`` of an evaluation's guidance option: ``"auto"``, a number (0 or
+    None: off) as a number or as text, and its form. Raises ``ValueError`` naming the option."""
+    if form not in GUIDANCE_FORMS:
+        raise ValueError(f"guidance form must be one of {GUIDANCE_FORMS}, got {form!r}")
+    if guidance is None or guidance == "auto":
+        return guidance == "auto", 0.0, form
+    try:
+        beta = float(guidance)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance must be 'auto' or a number (beta), got {guidance!r}") from None
+    if isinstance(guidance, bool) or beta != beta or beta in (float("inf"), float("-inf")):
+        raise ValueError(f"guidance must be 'auto' or a finite number (beta), got {guidance!r}")
+    return False, beta, form
 
 
 def popularity_reference(dataset: Dataset) -> tuple[list[list[str]], list[float]]:
@@ -46,23 +78,28 @@ def recommend(
     seed: int = 0,
     temperature: float = 1.0,
     max_prompt_tokens: int | None = None,
+    guidance: Guidance | None = None,
 ) -> tuple[list[list[str]], list[str]]:
     """``k`` titles for each sample of ``split`` (the first ``limit`` samples when given) and
     the target titles. ``beam`` is beam search with ``k`` beams (mode-seeking, ranked);
     ``sampled-top-k`` draws ``k`` distinct items without replacement from the model's
     trie-constrained distribution (recommends in proportion to what the model learned);
     ``sample`` draws ``k`` independent samples at ``temperature`` (distribution fitting).
-    ``max_prompt_tokens``: the prompt cutoff of training (oldest history titles dropped)."""
+    ``max_prompt_tokens``: the prompt cutoff of training (oldest history titles dropped).
+    ``guidance``: flow guidance for every mode (the prior's rows, if per sample, follow the
+    samples)."""
     samples = dataset.split(split)[:limit]
     titles = dataset.titles
     prompts = sample_prompts(decoder.tokenizer, titles, samples, max_prompt_tokens, domain)
     if mode == "beam":
-        recommendations = decoder.beam_search(prompts, num_beams=k)
+        recommendations = decoder.beam_search(prompts, num_beams=k, guidance=guidance)
     elif mode == "sampled-top-k":
-        recommendations = decoder.sampled_top_k(prompts, k=k, temperature=temperature, seed=seed)
+        recommendations = decoder.sampled_top_k(
+            prompts, k=k, temperature=temperature, seed=seed, guidance=guidance
+        )
     elif mode == "sample":
         recommendations = decoder.sample(
-            prompts, num_samples=k, temperature=temperature, seed=seed
+            prompts, num_samples=k, temperature=temperature, seed=seed, guidance=guidance
         )
     else:
         raise ValueError(f"unknown decoding mode {mode!r}; choose one of {DECODING_MODES}")
@@ -84,29 +121,64 @@ def evaluate(
     target_distribution: Mapping[str, float] | None = None,
     progress: bool = True,
     max_prompt_tokens: int | None = None,
+    guidance: str | float | None = None,
+    guidance_form: str = "normalized",
+    guidance_prior: Tensor | None = None,
+    guidance_users: int | None = 1000,
 ) -> Evaluation:
     """Decodes ``split`` with ``model`` constrained to the catalog and computes every metric;
     with ``target_distribution`` ({title: count or probability}) also KL(m||b), KL(b||m) and
     JS of the recommended titles against it. ``max_prompt_tokens``: the prompt cutoff the model
-    was trained with (:func:`flower_rec.prompts.fit_prompts`)."""
+    was trained with (:func:`flower_rec.prompts.fit_prompts`).
+
+    ``guidance``: None or 0 decodes without flow guidance; a number is beta, in
+    ``guidance_form``; ``"auto"`` (beam search) chooses beta and the form on ``guidance_users``
+    valid samples (:func:`~flower_rec.guidance_selection.select_guidance`) and keeps the whole
+    curve in :attr:`Evaluation.selection`. The prior is ``guidance_prior`` (``[I]`` item
+    log-prior, or ``[samples, I]`` one row per evaluated sample) or the training popularity
+    (:func:`popularity_prior`). The metrics record the setting under ``"guidance"``."""
+    auto, beta, form = resolve_guidance(guidance, guidance_form)
+    if auto and mode != "beam":
+        raise ValueError(
+            f"guidance 'auto' chooses beta for beam search; give {mode!r} a number instead"
+        )
     catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], domain))
     decoder = TrieDecoder(model, tokenizer, catalog, batch_size=batch_size, progress=progress)
+    popularity = popularity_reference(dataset)
+    prior = popularity_prior(dataset) if guidance_prior is None else guidance_prior
+    selection = None
+    if auto:
+        if prior.dim() != 1:
+            raise ValueError("guidance 'auto' needs a shared [num_items] prior")
+        selection = select_guidance(
+            decoder, dataset, prior, popularity, users=guidance_users, seed=seed, k=k,
+            domain=domain, max_prompt_tokens=max_prompt_tokens,
+        )
+        beta, form = selection.beta, selection.form
+    guided = Guidance(prior, beta, form) if beta != 0 else None
     recommendations, targets = recommend(
-        decoder, dataset, split, mode, k, domain, limit, seed, temperature, max_prompt_tokens
+        decoder, dataset, split, mode, k, domain, limit, seed, temperature, max_prompt_tokens,
+        guided,
     )
-    groups, shares = popularity_reference(dataset)
     metrics = evaluate_recommendations(
-        recommendations, targets, groups, shares, catalog_titles=dataset.titles,
+        recommendations, targets, *popularity, catalog_titles=dataset.titles,
         target_distribution=target_distribution,
     )
-    return Evaluation(metrics, recommendations, targets)
+    metrics["guidance"] = {
+        "beta": beta,
+        "form": form,
+        "prior": "popularity" if guidance_prior is None else "given",
+        "selection": None if selection is None else selection.to_dict(),
+    }
+    return Evaluation(metrics, recommendations, targets, selection)
 
 
 def write_evaluation(evaluation: Evaluation, out: str | Path, label: str, config: dict) -> Path:
     """Writes ``metrics.json`` (metrics and the run's configuration), ``recommendations.jsonl``
-    (one line per sample: target and ranked list) and ``groups.png`` (recommendation share vs
-    training share per popularity group) into ``out``. Returns the metrics path."""
-    from .plots import plot_group_shares
+    (one line per sample: target and ranked list), ``groups.png`` (recommendation share vs
+    training share per popularity group) and, when the guidance was chosen on valid,
+    ``guidance.png`` (its accuracy / fairness curve) into ``out``. Returns the metrics path."""
+    from .plots import plot_group_shares, plot_guidance_curve
 
     out = Path(out)
     metrics_path = write_report({"config": config, "metrics": evaluation.metrics}, out / "metrics.json")
@@ -120,4 +192,11 @@ def write_evaluation(evaluation: Evaluation, out: str | Path, label: str, config
         out / "groups.png",
         title=f"Recommendation share per popularity group ({label})",
     )
+    selection = evaluation.selection
+    if selection is not None:
+        plot_guidance_curve(
+            selection.curve, selection.chosen, out / "guidance.png",
+            title=f"Flow guidance on {selection.users} valid users ({label})",
+            min_accuracy=selection.min_accuracy,
+        )
     return metrics_path

@@ -1,4 +1,5 @@
-"""Plots of the evaluation: recommendation share vs training share per popularity group.
+"""Plots of the evaluation: recommendation share vs training share per popularity group, and
+the accuracy / fairness trade-off of flow guidance.
 
 Drawn with ``matplotlib.figure.Figure`` and the Agg canvas directly, never through ``pyplot``:
 no global figure state, no backend switch, so calling this from a notebook or an interactive
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .files import atomic_write_bytes
 
-__all__ = ["plot_group_shares"]
+__all__ = ["plot_group_shares", "plot_guidance_curve"]
 
 DEFAULT_TITLE = "Recommendation share vs training share per popularity group"
 
@@ -38,9 +39,6 @@ def plot_group_shares(
     there by definition). The PNG is ``figsize * dpi`` pixels (1200 x 675 by default) and is
     written atomically. Returns the path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     gh = [float(share) for share in group_shares]
     num_groups = len(gh)
     if num_groups == 0:
@@ -64,9 +62,7 @@ def plot_group_shares(
         labels.append("outside")
         series[0] = (series[0][0], gh + [0.0])
 
-    figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _new_axes(figsize, dpi)
     width = 0.8 / len(series)
     colors = [f"C{index % 10}" for index in range(len(series))]
     for index, (label, values) in enumerate(series):
@@ -83,6 +79,62 @@ def plot_group_shares(
     axes.set_axisbelow(True)
     axes.legend(loc="upper right", frameon=False)
 
+    return _save(figure, path, dpi)
+
+
+def _new_axes(figsize: tuple[float, float], dpi: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _save(figure, path: str | os.PathLike, dpi: int) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_guidance_curve(
+    curve: Sequence[Mapping[str, float | str]],
+    chosen: Mapping[str, float | str],
+    path: str | os.PathLike,
+    title: str = "Flow guidance: accuracy vs popularity bias",
+    *,
+    min_accuracy: float | None = None,
+    figsize: tuple[float, float] = (7.0, 4.5),
+    dpi: int = 150,
+) -> Path:
+    """NDCG@10 against DGU over beta, one line per guidance form, each starting from the
+    unguided point (beta = 0, form ``"any"``), the chosen point ringed, and the accuracy floor
+    of the selection (``min_accuracy`` x the unguided NDCG@10) dashed. Lower DGU is fairer, so
+    the good corner is top left. Written atomically; returns the path."""
+    baseline = next(point for point in curve if point["beta"] == 0)
+    forms = sorted({str(point["form"]) for point in curve if point["beta"] != 0})
+    figure, axes = _new_axes(figsize, dpi)
+    for index, form in enumerate(forms):
+        points = [baseline] + sorted(
+            (p for p in curve if p["form"] == form and p["beta"] != 0), key=lambda p: p["beta"]
+        )
+        axes.plot([p["DGU"] for p in points], [p["NDCG@10"] for p in points], marker="o",
+                  color=f"C{index}", label=f"guidance {form}")
+        for point in points[1:]:
+            axes.annotate(f"{point['beta']:g}", (point["DGU"], point["NDCG@10"]),
+                          textcoords="offset points", xytext=(4, 4), fontsize=7,
+                          color=f"C{index}")
+    axes.scatter([baseline["DGU"]], [baseline["NDCG@10"]], color="black", zorder=3,
+                 label="no guidance (beta 0)")
+    axes.scatter([chosen["DGU"]], [chosen["NDCG@10"]], s=220, facecolors="none",
+                 edgecolors="red", linewidths=2, zorder=4,
+                 label=f"chosen: beta {chosen['beta']:g} ({chosen['form']})")
+    if min_accuracy is not None:
+        axes.axhline(min_accuracy * baseline["NDCG@10"], color="0.5", linestyle="--",
+                     linewidth=1, label=f"{min_accuracy:g} x unguided NDCG@10")
+    axes.set_xlabel("DGU (popularity bias of the lists; lower is fairer)")
+    axes.set_ylabel("NDCG@10")
+    axes.set_title(title)
+    axes.grid(alpha=0.35)
+    axes.legend(loc="lower right", frameon=False, fontsize=8)
+    return _save(figure, path, dpi)
