@@ -1,13 +1,17 @@
 """Constraining one decoding step of 64 rows to the trie: ``token_bitmask`` and
 ``mask_logits_`` vs the published approach (:class:`baselines.IsinMasker`: a dict from the
 row's prefix to its allowed tokens, ``torch.isin`` over ``arange(V)`` per row, then
-``masked_fill_``).
+``masked_fill_``); and flow-guided masking, ``guide_logits_``, vs what a user would write on
+the other ops (:func:`gather_scatter_guide_`: ``mask_logits_``, then the children's logits
+gathered through ``children``, shifted by beta times their flow ratios and scattered back).
 
 Rows are the states of 64 random partial item paths: 8 at the root, 24 shallow (1-3 tokens in)
 and 32 deep (4 tokens in or more, before the termination token). Each side starts from the
 state it tracks while decoding: ours from trie node ids, the baseline from prefix tuples.
 Logits are float32 ``[64, 151936]`` (the Qwen models' width). Target: >= 50x. Checks before
 timing: our bitmask, unpacked, is the baseline's mask, and both maskings give the same logits.
+Guidance uses the float32 flows of a seeded item log-prior (a tenth of the items with prior
+zero) and beta = 0.5; target >= 1.5x, and both sides must give the same logits.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ ROWS_AT_DEPTH = {"root": 8, "shallow": 24, "deep": 32}  # 64 rows
 SHALLOW_DEPTHS = (1, 3)
 OURS = "flower_ext"
 ISIN = "dict+isin"
+GATHER_SCATTER = "mask+gather/scatter"
+BETA = 0.5
 
 
 def _row_prefixes(catalog) -> list[tuple[int, ...]]:
@@ -66,6 +72,9 @@ class _Step:
         self.masker = baselines.IsinMasker(catalog.padded(), self.prefixes, self.vocab_size)
         generator = torch.Generator().manual_seed(0)
         self.logits = torch.randn(len(self.prefixes), self.vocab_size, generator=generator)
+        prior = torch.randn(catalog.num_items, generator=generator)
+        prior[torch.rand(catalog.num_items, generator=generator) < 0.1] = float("-inf")
+        self.log_flows = trie.log_flows(prior)
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +120,49 @@ def mask_logits_case(catalog, trie, step) -> Case:
     )
 
 
+def gather_scatter_guide_(trie, logits, node_ids, log_flows, beta: float):
+    """Flow guidance on the unfused ops: mask, then gather each child's logit through the
+    children CSR, subtract beta * (F(child) - F(node)) (-inf for a zero prior), scatter back."""
+    row_ptr, child_tokens, child_nodes = trie.children(node_ids)
+    rows = torch.repeat_interleave(torch.arange(node_ids.shape[0]), row_ptr.diff())
+    tokens = child_tokens.long()
+    child_flows = log_flows[child_nodes.long()]
+    ratio = child_flows - log_flows[node_ids.long()][rows]
+    trie.mask_logits_(logits, node_ids)
+    guided = logits[rows, tokens] - beta * ratio
+    logits[rows, tokens] = guided.masked_fill(child_flows == float("-inf"), float("-inf"))
+    return logits
+
+
+@pytest.fixture(scope="session")
+def guide_logits_case(catalog, trie, step) -> Case:
+    # Guidance is not idempotent: each side guides its own copy again on every round (the same
+    # work each time), and the check compares one call of each on fresh copies.
+    ours_logits, baseline_logits = step.logits.clone(), step.logits.clone()
+
+    def ours_(logits):
+        return trie.guide_logits_(logits, step.node_ids, step.log_flows, BETA)
+
+    def baseline_(logits):
+        return gather_scatter_guide_(trie, logits, step.node_ids, step.log_flows, BETA)
+
+    def check(results):
+        expected = baseline_(step.logits.clone())
+        assert torch.equal(ours_(step.logits.clone()), expected)
+        assert torch.isfinite(expected).sum() > 0
+        assert (expected != step.logits).logical_and(torch.isfinite(expected)).any()
+
+    return Case(
+        "guide_logits_",
+        catalog.name,
+        [
+            ours(OURS, lambda: ours_(ours_logits)),
+            baseline(GATHER_SCATTER, lambda: baseline_(baseline_logits), target=1.5),
+        ],
+        check,
+    )
+
+
 @pytest.mark.parametrize("implementation", [OURS, ISIN])
 def test_token_bitmask(benchmark, token_bitmask_case, implementation):
     token_bitmask_case.measure(benchmark, implementation)
@@ -119,3 +171,8 @@ def test_token_bitmask(benchmark, token_bitmask_case, implementation):
 @pytest.mark.parametrize("implementation", [OURS, ISIN])
 def test_mask_logits(benchmark, mask_logits_case, implementation):
     mask_logits_case.measure(benchmark, implementation)
+
+
+@pytest.mark.parametrize("implementation", [OURS, GATHER_SCATTER])
+def test_guide_logits(benchmark, guide_logits_case, implementation):
+    guide_logits_case.measure(benchmark, implementation)

@@ -21,7 +21,8 @@ PYBIND11_MAKE_OPAQUE(std::vector<int32_t>)
   m.def("apply_token_bitmask_" #device, &flower::device::apply_token_bitmask, release);      \
   m.def("child_counts_" #device, &flower::device::child_counts, release);                    \
   m.def("children_" #device, &flower::device::children, release);                            \
-  m.def("transition_log_probs_" #device, &flower::device::transition_log_probs, release);
+  m.def("transition_log_probs_" #device, &flower::device::transition_log_probs, release);    \
+  m.def("guide_logits_" #device, &flower::device::guide_logits, release);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flower_ext compiled core: trie layout and the launchers of the trie ops";

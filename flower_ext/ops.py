@@ -13,6 +13,8 @@ A trie enters every op as two arguments: ``trie_data``, one int32 tensor holding
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,11 +29,14 @@ __all__ = [
     "mask_logits_",
     "children",
     "transition_log_probs",
+    "guide_logits_",
+    "guidance_beta",
 ]
 
 _REAL_CODES = {torch.float32: 0, torch.float64: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MASKABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOGIT_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _BITS_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Status bits of csrc/core/common.h.
@@ -42,6 +47,8 @@ _STATUS_MESSAGES = {
     8: "lengths must lie in [0, L]",
     16: "consecutive path nodes must be parent and child in the trie",
     32: "vocab_size must exceed every token id in the trie",
+    64: "log_flows must not be NaN or +inf (-inf, a zero prior, is allowed)",
+    128: "beta must be finite",
 }
 
 
@@ -588,3 +595,82 @@ def _transition_grad(ctx, grad_step, grad_termination):
 
 
 transition_log_probs.register_autograd(_transition_grad, setup_context=_transition_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# flow guidance
+
+
+def _guidance_dtype(logits: Tensor) -> torch.dtype:
+    """The type guide_logits_ computes in: float64 for float64 logits, float32 otherwise."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def guidance_beta(beta: float | Tensor, logits: Tensor) -> Tensor:
+    """``beta`` as :func:`guide_logits_` takes it: a tensor as it is; a Python number, which
+    must be finite, as a 0-d tensor on the logits' device."""
+    if isinstance(beta, Tensor):
+        return beta
+    beta = float(beta)
+    _check(math.isfinite(beta), "guide_logits_", f"beta must be finite, got {beta}")
+    return torch.full((), beta, dtype=_guidance_dtype(logits), device=logits.device)
+
+
+def _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta) -> None:
+    op = "guide_logits_"
+    _check_node_rows(op, trie_data, layout, node_ids)
+    _check_device(op, trie_data, logits=logits, log_flows=log_flows, beta=beta)
+    _check_logits(op, logits, node_ids.shape[0])
+    batch, vocab_size = logits.shape
+    _check(vocab_size > 0, op, "logits must have a vocabulary of at least one token")
+    _check(
+        log_flows.dtype in _REAL_CODES,
+        op,
+        f"log_flows must be float32 or float64, got {log_flows.dtype}",
+    )
+    num_nodes = trie_sizes(layout)[0]
+    _check(
+        log_flows.shape in ((num_nodes,), (batch, num_nodes)),
+        op,
+        f"log_flows must have shape [num_nodes] or [batch, num_nodes] = [{batch}, {num_nodes}], "
+        f"got {tuple(log_flows.shape)}",
+    )
+    _check(beta.is_floating_point(), op, f"beta must be a floating-point tensor, got {beta.dtype}")
+    _check(
+        beta.shape in ((), (batch,)),
+        op,
+        f"beta must be a number or have shape [] or [batch] = [{batch}], got {tuple(beta.shape)}",
+    )
+
+
+@torch.library.custom_op(
+    "flower_ext::guide_logits_", mutates_args=("logits",), device_types=("cpu", "cuda")
+)
+def guide_logits_(
+    trie_data: Tensor,
+    layout: list[int],
+    logits: Tensor,
+    node_ids: Tensor,
+    log_flows: Tensor,
+    beta: Tensor,
+) -> None:
+    """Flow-guided logit masking, in place: for row b at node n, each child c of n (token v)
+    gets ``logits[b, v] - beta[b] * (log_flows[c] - log_flows[n])`` (-inf when either flow is
+    -inf), every other token -inf. See :meth:`flower_ext.Trie.guide_logits_`."""
+    _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta)
+    node_ids, flows = node_ids.contiguous(), log_flows.contiguous()
+    beta = beta.to(_guidance_dtype(logits)).contiguous()
+    status = _new_status(logits.device)
+    _launch("guide_logits", logits.device,
+        _trie_view(trie_data, layout), _LOGIT_CODES[logits.dtype], logits.data_ptr(),
+        logits.stride(0), logits.shape[0], logits.shape[1], node_ids.element_size(),
+        node_ids.data_ptr(), _REAL_CODES[flows.dtype], flows.data_ptr(),
+        0 if flows.dim() == 1 else flows.shape[1], beta.data_ptr(), 0 if beta.dim() == 0 else 1,
+        status.data_ptr(),
+    )
+    _raise_on_status("guide_logits_", status)
+
+
+@guide_logits_.register_fake
+def _(trie_data, layout, logits, node_ids, log_flows, beta):
+    _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta)

@@ -39,6 +39,7 @@ __all__ = [
     "token_bitmask",
     "apply_token_bitmask",
     "mask_logits",
+    "guide_logits",
     "children",
     "transition_log_probs",
     "state_log_rewards",
@@ -286,6 +287,36 @@ def mask_logits(ref: ReferenceTrie, logits: Tensor, node_ids: Tensor) -> Tensor:
     """A copy of ``logits [B, V]`` with -inf on every token that is not a child of the row's
     node."""
     return logits.masked_fill(~allowed_tokens(ref, node_ids, logits.shape[-1]), NEG_INF)
+
+
+def guide_logits(
+    ref: ReferenceTrie, logits: Tensor, node_ids: Tensor, log_flows: Tensor, beta: float | Tensor
+) -> Tensor:
+    """:func:`mask_logits`, then for each child c of row b's node n (token v): -inf when
+    ``log(F(c) / F(n))`` is -inf (a zero prior), else ``logits[b, v] - beta_b * log(F(c) / F(n))``
+    computed in float32 (float64 for float64 logits). ``log_flows`` is ``[N]`` or ``[B, N]``,
+    ``beta`` a number or a 0-d or ``[B]`` tensor; the flows a row reads must not be NaN or +inf,
+    and beta must be finite."""
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    batch = logits.shape[0]
+    betas = torch.as_tensor(beta, dtype=compute).expand(batch)
+    if not torch.isfinite(betas).all():
+        raise ValueError("beta must be finite")
+    out = mask_logits(ref, logits, node_ids)
+    for b, (flows, node) in enumerate(zip(_row_flows(log_flows, batch), node_ids.tolist())):
+        prefix = _node_or_none(ref, node)
+        if prefix is None:
+            continue
+        for token in ref.children[prefix]:
+            child = ref.node_of[prefix + (token,)]
+            if torch.isnan(flows[[node, child]]).any() or (flows[[node, child]] == math.inf).any():
+                raise ValueError("log-flows must not be NaN or +inf")
+            ratio = _log_ratio(flows[child], flows[node]).to(compute)
+            if ratio == NEG_INF:
+                out[b, token] = NEG_INF
+            else:
+                out[b, token] = (logits[b, token].to(compute) - betas[b] * ratio).to(logits.dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

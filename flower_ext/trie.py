@@ -307,3 +307,32 @@ class Trie:
         return ops.transition_log_probs(
             self.data, self.layout, log_flows, path_nodes, termination_token
         )
+
+    def guide_logits_(
+        self, logits: Tensor, node_ids: Tensor, log_flows: Tensor, beta: float | Tensor
+    ) -> Tensor:
+        """Flow-guided constrained decoding step, in place; returns ``logits``.
+
+        Row b sits at node n = ``node_ids[b]``. Every token that is not a child of n becomes
+        -inf, as in :meth:`mask_logits_` (node -1: the whole row). The logit of each child c
+        (token v) is lowered by ``beta_b`` times the prior's log transition probability:
+        ``logits[b, v] - beta_b * (log_flows[c] - log_flows[n])``, computed in float32 (float64
+        for float64 logits) and rounded back to the logits' dtype; a child whose prior is zero
+        (``log_flows[c]`` or ``log_flows[n]`` is -inf) can never be recommended and becomes
+        -inf. With ``beta = 0`` and finite flows the children keep their logits bit for bit, so
+        decoding is exactly unguided.
+
+        Args:
+            logits: ``[B, V]`` float16, bfloat16, float32 or float64, stride 1 along V (rows
+                may be strided, e.g. ``logits[:, -1]`` of ``[B, S, V]``).
+            node_ids: ``[B]`` int32 or int64 node of each row, -1 for none.
+            log_flows: the prior's log-flows (e.g. :meth:`log_flows` of item popularity),
+                ``[N]`` shared by all rows or ``[B, N]``, float32 or float64.
+            beta: guidance strength, a finite Python number or a 0-d or ``[B]`` float tensor.
+
+        Raises ``ValueError`` on a node id outside ``[-1, N)``, a child token ``>= V``, a NaN or
+        +inf flow read by a row, or a non-finite beta. The data checks run in the kernel, so
+        their error is raised after the logits were written."""
+        beta = ops.guidance_beta(beta, logits)
+        ops.guide_logits_(self.data, self.layout, logits, node_ids, log_flows, beta)
+        return logits

@@ -156,3 +156,14 @@ def finite_or_zero(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Non-finite entries replaced by 0: -inf outputs have no numerical derivative, so gradcheck
     differentiates this instead (their analytic gradient is 0 as well)."""
     return tuple(torch.where(torch.isfinite(t), t, torch.zeros_like(t)) for t in tensors)
+
+
+@st.composite
+def prior_log_flows(
+    draw, ref: ReferenceTrie, batch: int | None, dtype=torch.float64, allow_zero_rewards=True
+) -> Tensor:
+    """Reference log-flows of drawn item log-rewards, ``[N]`` (``batch`` None) or ``[batch, N]``:
+    a prior for guidance, -inf on the subtrees whose rewards are all zero."""
+    shape = (ref.num_items,) if batch is None else (batch, ref.num_items)
+    rewards = draw(log_reward_tensors(shape, dtype, allow_zero_rewards))
+    return reference.log_flows(ref, rewards)

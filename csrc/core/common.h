@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #if defined(__CUDACC__)
 #define FLOWER_HD __host__ __device__ __forceinline__
@@ -31,10 +33,35 @@ enum Status : int32_t {
   kLengthOutOfRange = 8,   // a sequence length outside [0, L]
   kNotAChild = 16,         // consecutive path nodes that are not parent and child
   kVocabTooSmall = 32,     // a trie token id at or above the vocabulary size
+  kFlowNotFinite = 64,     // a NaN or +inf log-flow
+  kBetaNotFinite = 128,    // a NaN or infinite guidance strength
 };
 
 // Floating-point element types of the flow ops (numbering shared with flower_ext/ops.py).
 enum class Real : int32_t { kFloat32 = 0, kFloat64 = 1 };
+
+// Storage of the 16-bit logit types: plain bits, since neither the host compiler nor the CUDA
+// one has an arithmetic type for both. kernels.h converts them to and from float.
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// Logit element types (numbering shared with flower_ext/ops.py).
+enum class Logit : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+template <typename F>
+void dispatch_logit(int32_t logit, F&& f) {
+  switch (static_cast<Logit>(logit)) {
+    case Logit::kFloat16: f(Half{}); return;
+    case Logit::kBFloat16: f(BFloat16{}); return;
+    case Logit::kFloat32: f(float{}); return;
+    case Logit::kFloat64: f(double{}); return;
+  }
+  throw std::invalid_argument("unsupported logit type code " + std::to_string(logit));
+}
 
 // The trie arrays (int32), laid out in BFS order so that the children of a node are a contiguous
 // range of node ids sorted by token: children of n are child_ptr[n] .. child_ptr[n + 1] - 1.

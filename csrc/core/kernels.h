@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common.h"
 
@@ -57,11 +58,11 @@ FLOWER_HD bool valid_token(Token token) {
   return token >= 0 && static_cast<int64_t>(token) <= INT32_MAX;
 }
 
-// The child of `node` reached by `token`, or -1. Binary search: siblings are sorted by token.
-FLOWER_HD int32_t find_child(const TrieView& trie, int32_t node, int64_t token) {
+// The first child of `node` whose token is >= `token` (child_ptr[node + 1] when there is none).
+// Binary search: siblings are sorted by token.
+FLOWER_HD int32_t first_child_from(const TrieView& trie, int32_t node, int64_t token) {
   int32_t lo = trie.child_ptr[node];
-  const int32_t end = trie.child_ptr[node + 1];
-  int32_t hi = end;
+  int32_t hi = trie.child_ptr[node + 1];
   while (lo < hi) {
     const int32_t mid = lo + (hi - lo) / 2;
     if (trie.token[mid] < token) {
@@ -70,7 +71,13 @@ FLOWER_HD int32_t find_child(const TrieView& trie, int32_t node, int64_t token) 
       hi = mid;
     }
   }
-  return (lo < end && trie.token[lo] == token) ? lo : -1;
+  return lo;
+}
+
+// The child of `node` reached by `token`, or -1.
+FLOWER_HD int32_t find_child(const TrieView& trie, int32_t node, int64_t token) {
+  const int32_t child = first_child_from(trie, node, token);
+  return (child < trie.child_ptr[node + 1] && trie.token[child] == token) ? child : -1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,6 +294,154 @@ FLOWER_HD int32_t transition_termination(const TrieView& trie, const T* flows, I
   const int32_t end = find_child(trie, static_cast<int32_t>(node), termination_token);
   *out = end < 0 ? negative_infinity<T>() : log_ratio(flows[end], flows[node]);
   return kOk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// flow guidance: the children of the row's node get logit - beta * log(F(child) / F(node)), every
+// other token -inf. Arithmetic runs in float for the 16-bit and float32 logits, in double for
+// float64 ones, and rounds back to the logits' type as torch's .to() does (nearest even).
+
+FLOWER_HD uint32_t bits_of(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+FLOWER_HD float float_of(uint32_t bits) {
+  float x;
+  memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+FLOWER_HD float widen(float x) { return x; }
+FLOWER_HD double widen(double x) { return x; }
+FLOWER_HD float widen(BFloat16 x) { return float_of(static_cast<uint32_t>(x.bits) << 16); }
+
+FLOWER_HD float widen(Half x) {
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1Fu, mantissa = x.bits & 0x3FFu;
+  if (exponent == 0x1Fu) return float_of(sign | 0x7F800000u | (mantissa << 13));  // inf, NaN
+  if (exponent == 0u) {  // zero or subnormal: mantissa * 2^-24, exact in float
+    return float_of(sign | bits_of(static_cast<float>(mantissa) * 5.9604644775390625e-8f));
+  }
+  return float_of(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+// x rounded to the logit type, to nearest with ties to even (exact where the type holds x).
+template <typename Logit>
+FLOWER_HD Logit narrow(decltype(widen(Logit{})) x);
+
+template <>
+FLOWER_HD float narrow<float>(float x) {
+  return x;
+}
+
+template <>
+FLOWER_HD double narrow<double>(double x) {
+  return x;
+}
+
+template <>
+FLOWER_HD BFloat16 narrow<BFloat16>(float x) {
+  const uint32_t bits = bits_of(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return BFloat16{0x7FC0u};  // NaN
+  return BFloat16{static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16)};
+}
+
+template <>
+FLOWER_HD Half narrow<Half>(float x) {
+  const uint32_t bits = bits_of(x);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  if (magnitude > 0x7F800000u) return Half{static_cast<uint16_t>(sign | 0x7E00u)};  // NaN
+  // 65520, halfway between the largest half 65504 and 2^16, and above round to infinity.
+  if (magnitude >= 0x477FF000u) return Half{static_cast<uint16_t>(sign | 0x7C00u)};
+  uint32_t half, rest, halfway;
+  if (magnitude >= 0x38800000u) {  // a normal half: rebias the exponent, keep 10 mantissa bits
+    half = (magnitude - 0x38000000u) >> 13;
+    rest = magnitude & 0x1FFFu;
+    halfway = 0x1000u;
+  } else if (magnitude > 0x33000000u) {  // a subnormal half: count units of 2^-24
+    const uint32_t shift = 126u - (magnitude >> 23);
+    const uint32_t mantissa = (magnitude & 0x7FFFFFu) | 0x800000u;
+    half = mantissa >> shift;
+    rest = mantissa & ((1u << shift) - 1u);
+    halfway = 1u << (shift - 1u);
+  } else {  // at most 2^-25, half of the smallest subnormal: zero
+    return Half{sign};
+  }
+  // A carry out of the mantissa steps into the next binade, which is the correct rounding.
+  if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+  return Half{static_cast<uint16_t>(sign | half)};
+}
+
+// a * b rounded on its own: CUDA would otherwise fuse it into the following subtraction and
+// round once where the host rounds twice, and the devices' results would differ.
+FLOWER_HD float product(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+FLOWER_HD double product(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// A child's guided logit. A zero prior (a -inf flow at the child, or at its node, where flows
+// from log_flows are -inf at every child too) can never be recommended, so it gets -inf. A zero
+// shift leaves the logit as it was, bit for bit (even -0 and NaN payloads): with beta = 0 this
+// is mask_logits_.
+template <typename Logit, typename Flow>
+FLOWER_HD Logit guided_logit(Logit logit, Flow node_flow, Flow child_flow,
+                             decltype(widen(Logit{})) beta) {
+  using Compute = decltype(widen(Logit{}));
+  const Flow ratio = log_ratio(child_flow, node_flow);
+  if (ratio == negative_infinity<Flow>()) return narrow<Logit>(negative_infinity<Compute>());
+  const Compute shift = product(beta, static_cast<Compute>(ratio));
+  return shift == Compute(0) ? logit : narrow<Logit>(widen(logit) - shift);
+}
+
+// Tokens begin .. end - 1 of one row: the children among them guided, the rest -inf, in one
+// sweep that fills the gaps between consecutive children (siblings are sorted by token). The
+// range that ends the vocabulary reports children beyond it; an invalid node leaves the row
+// untouched. The CPU passes whole rows, the GPU single tokens.
+template <typename Logit, typename Flow, typename Index>
+FLOWER_HD int32_t guide_range(const TrieView& trie, Index node, const Flow* flows,
+                              decltype(widen(Logit{})) beta, Logit* logits_row, int64_t begin,
+                              int64_t end, int64_t vocab_size) {
+  using Compute = decltype(widen(Logit{}));
+  if (!valid_node_or_none(node, trie.num_nodes)) return kNodeOutOfRange;
+  int32_t status = beta > negative_infinity<Compute>() && beta < static_cast<Compute>(INFINITY)
+                       ? kOk
+                       : kBetaNotFinite;
+  const Logit fill = narrow<Logit>(negative_infinity<Compute>());
+  int64_t v = begin;
+  if (node >= 0) {
+    const int32_t n = static_cast<int32_t>(node);
+    const int32_t children_end = trie.child_ptr[n + 1];
+    if (end == vocab_size && children_end > trie.child_ptr[n] &&
+        trie.token[children_end - 1] >= vocab_size) {
+      status |= kVocabTooSmall;
+    }
+    for (int32_t c = first_child_from(trie, n, begin); c < children_end && trie.token[c] < end;
+         ++c) {
+      const int32_t token = trie.token[c];
+      for (; v < token; ++v) logits_row[v] = fill;
+      if (!(flows[n] < static_cast<Flow>(INFINITY) && flows[c] < static_cast<Flow>(INFINITY))) {
+        status |= kFlowNotFinite;
+      }
+      logits_row[token] = guided_logit(logits_row[token], flows[n], flows[c], beta);
+      v = token + 1;
+    }
+  }
+  for (; v < end; ++v) logits_row[v] = fill;
+  return status;
 }
 
 }  // namespace flower

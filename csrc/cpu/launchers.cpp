@@ -216,4 +216,31 @@ void transition_log_probs(const TrieView& trie, int32_t real, Address flows,
   });
 }
 
+void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t row_stride,
+                  int64_t batch, int64_t vocab_size, int32_t node_bytes, Address nodes,
+                  int32_t real, Address flows, int64_t flows_row_stride, Address beta,
+                  int64_t beta_stride, Address status, Address exec) {
+  dispatch_logit(logit, [&](auto logit_zero) {
+    dispatch_real(real, [&](auto real_zero) {
+      dispatch_index(node_bytes, [&](auto index_zero) {
+        using Logit = decltype(logit_zero);
+        using Compute = decltype(widen(logit_zero));
+        using Flow = decltype(real_zero);
+        using Index = decltype(index_zero);
+        raise_status(status, parallel_for(batch, exec, rows_per_thread(vocab_size),
+                                          [&](int64_t begin, int64_t end) {
+          int32_t flags = kOk;
+          for (int64_t b = begin; b < end; ++b) {
+            flags |= guide_range(trie, at<const Index>(nodes)[b],
+                                 at<const Flow>(flows) + b * flows_row_stride,
+                                 at<const Compute>(beta)[b * beta_stride],
+                                 at<Logit>(logits) + b * row_stride, 0, vocab_size, vocab_size);
+          }
+          return flags;
+        }));
+      });
+    });
+  });
+}
+
 }  // namespace flower::cpu

@@ -205,6 +205,23 @@ __global__ void transition_elements(TrieView trie, const T* flows, int64_t flows
   report(status, flags);
 }
 
+// One thread per logit, like apply_bitmask_elements: neighbouring threads write neighbouring
+// logits, and each finds its token among the row's children with one binary search.
+template <typename Logit, typename Flow, typename Index>
+__global__ void guide_elements(TrieView trie, Logit* logits, int64_t row_stride, int64_t batch,
+                               int64_t vocab_size, const Index* nodes, const Flow* flows,
+                               int64_t flows_row_stride, const decltype(widen(Logit{}))* beta,
+                               int64_t beta_stride, int32_t* status) {
+  const int64_t count = batch * vocab_size;
+  int32_t flags = kOk;
+  for (int64_t i = first_index(); i < count; i += index_stride()) {
+    const int64_t b = i / vocab_size, v = i % vocab_size;
+    flags |= guide_range(trie, nodes[b], flows + b * flows_row_stride, beta[b * beta_stride],
+                         logits + b * row_stride, v, v + 1, vocab_size);
+  }
+  report(status, flags);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -352,6 +369,29 @@ void transition_log_probs(const TrieView& trie, int32_t real, Address flows,
           trie, at<const T>(flows), flows_row_stride, batch, at<const Index>(nodes), num_states,
           termination_token, at<T>(step), at<T>(termination), at<int32_t>(status));
       check_launch("transition_log_probs");
+    });
+  });
+}
+
+void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t row_stride,
+                  int64_t batch, int64_t vocab_size, int32_t node_bytes, Address nodes,
+                  int32_t real, Address flows, int64_t flows_row_stride, Address beta,
+                  int64_t beta_stride, Address status, Address exec) {
+  dispatch_logit(logit, [&](auto logit_zero) {
+    dispatch_real(real, [&](auto real_zero) {
+      dispatch_index(node_bytes, [&](auto index_zero) {
+        using Logit = decltype(logit_zero);
+        using Compute = decltype(widen(logit_zero));
+        using Flow = decltype(real_zero);
+        using Index = decltype(index_zero);
+        const int64_t count = batch * vocab_size;
+        if (count == 0) return;
+        guide_elements<Logit, Flow, Index><<<blocks_for(count), kThreads, 0, stream_of(exec)>>>(
+            trie, at<Logit>(logits), row_stride, batch, vocab_size, at<const Index>(nodes),
+            at<const Flow>(flows), flows_row_stride, at<const Compute>(beta), beta_stride,
+            at<int32_t>(status));
+        check_launch("guide_logits_");
+      });
     });
   });
 }
