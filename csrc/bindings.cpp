@@ -22,7 +22,10 @@ PYBIND11_MAKE_OPAQUE(std::vector<int32_t>)
   m.def("child_counts_" #device, &flower::device::child_counts, release);                    \
   m.def("children_" #device, &flower::device::children, release);                            \
   m.def("transition_log_probs_" #device, &flower::device::transition_log_probs, release);    \
-  m.def("guide_logits_" #device, &flower::device::guide_logits, release);
+  m.def("guide_logits_" #device, &flower::device::guide_logits, release);                    \
+  m.def("path_sums_" #device, &flower::device::path_sums, release);                          \
+  m.def("subtree_sums_" #device, &flower::device::subtree_sums, release);                    \
+  m.def("preorder_" #device, &flower::device::preorder, release);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flower_ext compiled core: trie layout and the launchers of the trie ops";

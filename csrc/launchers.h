@@ -34,11 +34,17 @@
   void transition_log_probs(const TrieView& trie, int32_t real, Address flows,                    \
                             int64_t flows_row_stride, int64_t batch, int32_t node_bytes,          \
                             Address nodes, int64_t num_states, int32_t termination_token,         \
-                            Address step, Address termination, Address status, Address exec); \
+                            Address step, Address termination, Address status, Address exec);     \
   void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t row_stride,      \
                     int64_t batch, int64_t vocab_size, int32_t node_bytes, Address nodes,         \
                     int32_t real, Address flows, int64_t flows_row_stride, Address beta,          \
-                    int64_t beta_stride, Address status, Address exec);
+                    int64_t beta_stride, Address status, Address exec);                           \
+  void path_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch, \
+                 const std::vector<int32_t>& level_ptr, Address exec);                            \
+  void subtree_sums(const TrieView& trie, int32_t real, Address values, Address sums,             \
+                    int64_t batch, const std::vector<int32_t>& level_ptr, Address exec);          \
+  void preorder(const TrieView& trie, Address subtree_size, Address rank,                         \
+                const std::vector<int32_t>& level_ptr, Address exec);
 
 namespace flower {
 namespace cpu {

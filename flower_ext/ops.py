@@ -31,6 +31,9 @@ __all__ = [
     "transition_log_probs",
     "guide_logits_",
     "guidance_beta",
+    "preorder",
+    "path_sums",
+    "subtree_sums",
 ]
 
 _REAL_CODES = {torch.float32: 0, torch.float64: 1}
@@ -674,3 +677,96 @@ def guide_logits_(
 @guide_logits_.register_fake
 def _(trie_data, layout, logits, node_ids, log_flows, beta):
     _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# tree passes
+
+
+@torch.library.custom_op("flower_ext::preorder", mutates_args=(), device_types=("cpu", "cuda"))
+def preorder(trie_data: Tensor, layout: list[int]) -> tuple[Tensor, Tensor]:
+    """``(rank [N] int64, subtree_size [N] int64)``: each node's depth-first preorder rank
+    (children in token order) and the number of nodes in its subtree, itself included."""
+    _check_trie("preorder", trie_data, layout)
+    num_nodes = trie_sizes(layout)[0]
+    subtree_size = torch.ones(num_nodes, dtype=torch.int64, device=trie_data.device)
+    rank = torch.empty_like(subtree_size)
+    _launch("preorder", trie_data.device,
+        _trie_view(trie_data, layout), subtree_size.data_ptr(), rank.data_ptr(),
+        _level_ptr(layout),
+    )
+    return rank, subtree_size
+
+
+@preorder.register_fake
+def _(trie_data, layout):
+    _check_trie("preorder", trie_data, layout)
+    num_nodes = trie_sizes(layout)[0]
+    return tuple(trie_data.new_empty(num_nodes, dtype=torch.int64) for _ in range(2))
+
+
+def _check_node_values(op: str, trie_data: Tensor, layout: list[int], values: Tensor) -> None:
+    _check_trie(op, trie_data, layout)
+    _check_device(op, trie_data, values=values)
+    _check(
+        values.dtype in _REAL_CODES, op, f"values must be float32 or float64, got {values.dtype}"
+    )
+    num_nodes = trie_sizes(layout)[0]
+    _check(
+        values.dim() in (1, 2) and values.shape[-1] == num_nodes,
+        op,
+        f"values must have shape [num_nodes] or [batch, num_nodes] with num_nodes = {num_nodes}, "
+        f"got {tuple(values.shape)}",
+    )
+
+
+def _tree_pass(op: str, trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
+    _check_node_values(op, trie_data, layout, values)
+    values = values.contiguous()
+    sums = torch.empty_like(values)
+    _launch(op, values.device,
+        _trie_view(trie_data, layout), _REAL_CODES[values.dtype], values.data_ptr(),
+        sums.data_ptr(), values.numel() // values.shape[-1], _level_ptr(layout),
+    )
+    return sums
+
+
+@torch.library.custom_op("flower_ext::path_sums", mutates_args=(), device_types=("cpu", "cuda"))
+def path_sums(trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
+    """Sums of ``values [N]`` or ``[B, N]`` along each root-to-node path, the node included:
+    ``out[n] = values[n] + out[parent[n]]``. Differentiable; its adjoint is
+    :func:`subtree_sums`."""
+    return _tree_pass("path_sums", trie_data, layout, values)
+
+
+@torch.library.custom_op("flower_ext::subtree_sums", mutates_args=(), device_types=("cpu", "cuda"))
+def subtree_sums(trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
+    """Sums of ``values [N]`` or ``[B, N]`` over each node's subtree, the node included.
+    Differentiable; its adjoint is :func:`path_sums`."""
+    return _tree_pass("subtree_sums", trie_data, layout, values)
+
+
+def _register_tree_pass(op, adjoint, name: str) -> None:
+    # Both passes are linear and each is the other's transpose: path_sums(v)[n] sums v over the
+    # ancestors of n, so its gradient at m sums the incoming gradient over the nodes that have m
+    # as an ancestor, the subtree of m.
+
+    @op.register_fake
+    def _(trie_data, layout, values):
+        _check_node_values(name, trie_data, layout, values)
+        return values.new_empty(values.shape)
+
+    def setup_context(ctx, inputs, output):
+        trie_data, layout, _ = inputs
+        ctx.layout = layout
+        ctx.save_for_backward(trie_data)
+
+    def backward(ctx, grad):
+        (trie_data,) = ctx.saved_tensors
+        return None, None, adjoint(trie_data, ctx.layout, grad)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_tree_pass(path_sums, subtree_sums, "path_sums")
+_register_tree_pass(subtree_sums, path_sums, "subtree_sums")

@@ -43,6 +43,10 @@ __all__ = [
     "children",
     "transition_log_probs",
     "state_log_rewards",
+    "ancestors",
+    "preorder",
+    "path_sums",
+    "subtree_sums",
     "subtb_loss_all_pairs",
     "subtb_loss",
     "flow_matching_loss",
@@ -417,6 +421,48 @@ def state_log_rewards(
             complete = ending > NEG_INF
             out[b, k] = path_log_prob + (ending if complete else incomplete_log_reward)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tree passes
+
+
+def ancestors(ref: ReferenceTrie) -> Tensor:
+    """``[N, N]`` bool: entry ``[n, m]`` is True when node m's prefix starts node n's (m is an
+    ancestor of n, or n itself)."""
+    out = torch.zeros(ref.num_nodes, ref.num_nodes, dtype=torch.bool)
+    for node, prefix in enumerate(ref.prefixes):
+        for depth in range(len(prefix) + 1):
+            out[node, ref.node_of[prefix[:depth]]] = True
+    return out
+
+
+def preorder(ref: ReferenceTrie) -> tuple[Tensor, Tensor]:
+    """``(rank [N] int64, subtree_size [N] int64)``: the order in which a depth-first walk
+    visits the nodes (children by ascending token), and the number of prefixes that start with
+    each node's prefix."""
+    visited, stack = [], [()]
+    while stack:
+        prefix = stack.pop()
+        visited.append(ref.node_of[prefix])
+        stack.extend(prefix + (token,) for token in reversed(ref.children[prefix]))
+    rank = torch.empty(ref.num_nodes, dtype=torch.int64)
+    rank[visited] = torch.arange(ref.num_nodes)
+    return rank, ancestors(ref).sum(0)
+
+
+def path_sums(ref: ReferenceTrie, values: Tensor) -> Tensor:
+    """``[..., N]`` -> ``[..., N]``: the sum of the values of every node whose prefix starts the
+    node's own (its ancestors and itself)."""
+    on_path = ancestors(ref).to(values.device)
+    return torch.where(on_path, values.unsqueeze(-2), 0).sum(-1)
+
+
+def subtree_sums(ref: ReferenceTrie, values: Tensor) -> Tensor:
+    """``[..., N]`` -> ``[..., N]``: the sum of the values of every node whose prefix starts
+    with the node's own (its subtree)."""
+    in_subtree = ancestors(ref).t().to(values.device)
+    return torch.where(in_subtree, values.unsqueeze(-2), 0).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

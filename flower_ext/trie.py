@@ -197,6 +197,16 @@ class Trie:
             torch.arange(len(sizes), dtype=torch.int32, device=self.device), sizes
         )
 
+    @property
+    def child_count(self) -> Tensor:
+        """``[N]`` int32 number of children of each node."""
+        return self.child_ptr.diff()
+
+    @property
+    def is_leaf(self) -> Tensor:
+        """``[N]`` bool: the node has no children (every leaf ends at least one item)."""
+        return self.child_count == 0
+
     def to(self, device: torch.device | str) -> Trie:
         """This trie on another device (self when already there)."""
         if torch.device(device) == self.device:
@@ -336,3 +346,20 @@ class Trie:
         beta = ops.guidance_beta(beta, logits)
         ops.guide_logits_(self.data, self.layout, logits, node_ids, log_flows, beta)
         return logits
+
+    def preorder(self) -> tuple[Tensor, Tensor]:
+        """``(rank, subtree_size)``, both ``[N]`` int64: each node's rank in a depth-first
+        preorder walk (root 0, children in token order, i.e. id order) and the number of nodes in
+        its subtree, itself included. Node j is an ancestor of node i, or i itself, exactly when
+        ``rank[j] <= rank[i] < rank[j] + subtree_size[j]``; a subtree is a contiguous range of
+        ranks."""
+        return ops.preorder(self.data, self.layout)
+
+    def path_sums(self, values: Tensor) -> Tensor:
+        """Sums of per-node ``values`` (``[N]`` or ``[B, N]``, float32 or float64) along each
+        root-to-node path, the node included: ``out[0] = values[0]`` and ``out[n] = values[n] +
+        out[parent[n]]``, accumulated in the input dtype (NaN and inf propagate). E.g. per-step
+        log-probabilities stored at each node give each prefix's log-probability.
+        Differentiable: the gradient at a node is the sum of the incoming gradient over its
+        subtree."""
+        return ops.path_sums(self.data, self.layout, values)

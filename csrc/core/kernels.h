@@ -150,6 +150,38 @@ FLOWER_HD void log_flow_backward_node(const TrieView& trie, const T* log_rewards
 }
 
 // ---------------------------------------------------------------------------------------------
+// tree passes: sums down the paths (top-down: a parent's result before its children's) and over
+// the subtrees (bottom-up: the children's before their parent's), and preorder ranks
+
+// sums[n] = values[n] + sums[parent(n)]: the sum along the path from the root, n included.
+template <typename T>
+FLOWER_HD void path_sum_node(const TrieView& trie, const T* values, T* sums, int32_t n) {
+  const int32_t parent = trie.parent[n];
+  sums[n] = parent < 0 ? values[n] : values[n] + sums[parent];
+}
+
+// sums[n] = values[n] + the sums of n's children: the sum over the subtree of n. `sums` may be
+// `values` itself, since values[n] is read before sums[n] is written.
+template <typename T>
+FLOWER_HD void subtree_sum_node(const TrieView& trie, const T* values, T* sums, int32_t n) {
+  T total = values[n];
+  for (int32_t c = trie.child_ptr[n]; c < trie.child_ptr[n + 1]; ++c) total += sums[c];
+  sums[n] = total;
+}
+
+// Preorder ranks of the children of n, from n's own rank and the subtree sizes: each child comes
+// right after its earlier siblings' subtrees.
+FLOWER_HD void preorder_children(const TrieView& trie, const int64_t* subtree_size, int64_t* rank,
+                                 int32_t n) {
+  if (n == 0) rank[0] = 0;  // the root is no node's child
+  int64_t next = rank[n] + 1;
+  for (int32_t c = trie.child_ptr[n]; c < trie.child_ptr[n + 1]; ++c) {
+    rank[c] = next;
+    next += subtree_size[c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // walk / advance
 
 template <typename Token>

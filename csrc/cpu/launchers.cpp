@@ -243,4 +243,52 @@ void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t r
   });
 }
 
+// Ascending node ids are top-down and descending ones bottom-up (children have larger ids than
+// their parent), so the tree passes need no level boundaries here either.
+void path_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
+               const std::vector<int32_t>& /*level_ptr*/, Address exec) {
+  dispatch_real(real, [&](auto zero) {
+    using T = decltype(zero);
+    const int64_t nodes = trie.num_nodes;
+    parallel_for(batch, exec, rows_per_thread(nodes), [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; block += kRowBlock) {
+        const int64_t block_end = std::min(end, block + kRowBlock);
+        for (int32_t n = 0; n < trie.num_nodes; ++n) {
+          for (int64_t b = block; b < block_end; ++b) {
+            path_sum_node(trie, at<const T>(values) + b * nodes, at<T>(sums) + b * nodes, n);
+          }
+        }
+      }
+      return int32_t{kOk};
+    });
+  });
+}
+
+void subtree_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
+                  const std::vector<int32_t>& /*level_ptr*/, Address exec) {
+  dispatch_real(real, [&](auto zero) {
+    using T = decltype(zero);
+    const int64_t nodes = trie.num_nodes;
+    parallel_for(batch, exec, rows_per_thread(nodes), [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; block += kRowBlock) {
+        const int64_t block_end = std::min(end, block + kRowBlock);
+        for (int32_t n = trie.num_nodes - 1; n >= 0; --n) {
+          for (int64_t b = block; b < block_end; ++b) {
+            subtree_sum_node(trie, at<const T>(values) + b * nodes, at<T>(sums) + b * nodes, n);
+          }
+        }
+      }
+      return int32_t{kOk};
+    });
+  });
+}
+
+// subtree_size arrives filled with ones (each node counts itself) and is summed in place.
+void preorder(const TrieView& trie, Address subtree_size, Address rank,
+              const std::vector<int32_t>& /*level_ptr*/, Address /*exec*/) {
+  int64_t* size = at<int64_t>(subtree_size);
+  for (int32_t n = trie.num_nodes - 1; n >= 0; --n) subtree_sum_node(trie, size, size, n);
+  for (int32_t n = 0; n < trie.num_nodes; ++n) preorder_children(trie, size, at<int64_t>(rank), n);
+}
+
 }  // namespace flower::cpu

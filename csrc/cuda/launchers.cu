@@ -222,6 +222,50 @@ __global__ void guide_elements(TrieView trie, Logit* logits, int64_t row_stride,
   report(status, flags);
 }
 
+template <typename T>
+__global__ void path_sums_level(TrieView trie, const T* values, T* sums, int64_t batch,
+                                int32_t level_begin, int32_t level_size) {
+  const int64_t count = batch * level_size;
+  for (int64_t i = first_index(); i < count; i += index_stride()) {
+    const int64_t row = i / level_size * trie.num_nodes;
+    const int32_t n = level_begin + static_cast<int32_t>(i % level_size);
+    path_sum_node(trie, values + row, sums + row, n);
+  }
+}
+
+template <typename T>
+__global__ void subtree_sums_level(TrieView trie, const T* values, T* sums, int64_t batch,
+                                   int32_t level_begin, int32_t level_size) {
+  const int64_t count = batch * level_size;
+  for (int64_t i = first_index(); i < count; i += index_stride()) {
+    const int64_t row = i / level_size * trie.num_nodes;
+    const int32_t n = level_begin + static_cast<int32_t>(i % level_size);
+    subtree_sum_node(trie, values + row, sums + row, n);
+  }
+}
+
+__global__ void preorder_level(TrieView trie, const int64_t* subtree_size, int64_t* rank,
+                               int32_t level_begin, int32_t level_size) {
+  for (int64_t i = first_index(); i < level_size; i += index_stride()) {
+    preorder_children(trie, subtree_size, rank, level_begin + static_cast<int32_t>(i));
+  }
+}
+
+// Calls launch(level_begin, level_size) for every non-empty depth level, root first when
+// `top_down`, deepest first otherwise: one launch per level, so that the stream finishes a level
+// before the next one reads it.
+template <typename Launch>
+void for_each_level(const std::vector<int32_t>& level_ptr, int32_t num_nodes, bool top_down,
+                    Launch&& launch) {
+  check_levels(level_ptr, num_nodes);
+  const size_t levels = level_ptr.size() - 1;
+  for (size_t k = 0; k < levels; ++k) {
+    const size_t d = top_down ? k : levels - 1 - k;
+    const int32_t level_size = level_ptr[d + 1] - level_ptr[d];
+    if (level_size > 0) launch(level_ptr[d], level_size);
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -393,6 +437,48 @@ void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t r
         check_launch("guide_logits_");
       });
     });
+  });
+}
+
+void path_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
+               const std::vector<int32_t>& level_ptr, Address exec) {
+  dispatch_real(real, [&](auto zero) {
+    using T = decltype(zero);
+    if (batch == 0) return;
+    for_each_level(level_ptr, trie.num_nodes, true, [&](int32_t level_begin, int32_t level_size) {
+      path_sums_level<T><<<blocks_for(batch * level_size), kThreads, 0, stream_of(exec)>>>(
+          trie, at<const T>(values), at<T>(sums), batch, level_begin, level_size);
+      check_launch("path_sums");
+    });
+  });
+}
+
+void subtree_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
+                  const std::vector<int32_t>& level_ptr, Address exec) {
+  dispatch_real(real, [&](auto zero) {
+    using T = decltype(zero);
+    if (batch == 0) return;
+    for_each_level(level_ptr, trie.num_nodes, false, [&](int32_t level_begin, int32_t level_size) {
+      subtree_sums_level<T><<<blocks_for(batch * level_size), kThreads, 0, stream_of(exec)>>>(
+          trie, at<const T>(values), at<T>(sums), batch, level_begin, level_size);
+      check_launch("subtree_sums");
+    });
+  });
+}
+
+// subtree_size arrives filled with ones (each node counts itself) and is summed in place.
+void preorder(const TrieView& trie, Address subtree_size, Address rank,
+              const std::vector<int32_t>& level_ptr, Address exec) {
+  int64_t* size = at<int64_t>(subtree_size);
+  for_each_level(level_ptr, trie.num_nodes, false, [&](int32_t level_begin, int32_t level_size) {
+    subtree_sums_level<int64_t><<<blocks_for(level_size), kThreads, 0, stream_of(exec)>>>(
+        trie, size, size, 1, level_begin, level_size);
+    check_launch("preorder");
+  });
+  for_each_level(level_ptr, trie.num_nodes, true, [&](int32_t level_begin, int32_t level_size) {
+    preorder_level<<<blocks_for(level_size), kThreads, 0, stream_of(exec)>>>(
+        trie, size, at<int64_t>(rank), level_begin, level_size);
+    check_launch("preorder");
   });
 }
 
