@@ -19,6 +19,14 @@ GPU and several GPUs under ``torchrun`` / ``accelerate launch`` (DDP), and check
 rollouts draw from a generator seeded from (seed, optimizer step, the batch's sample indices),
 not from a global RNG stream.
 
+A run killed at any moment resumes: from the newest complete checkpoint (a checkpoint with a
+state file missing or cut short, as a kill while it is written leaves it, is passed over with a
+warning and overwritten when the run gets there again), to the step the uninterrupted run stops
+at and the same metrics file, also from a folder that has moved. The files the run writes
+(train_config.json, metrics.jsonl, the final model and tokenizer) are replaced atomically, each
+its old or its new version; the configuration is checked (:data:`FIELD_RULES`) before anything
+runs.
+
 One tokenisation of every item (method.md pitfall 3): :func:`flower_rec.prompts.item_token_sequences`
 gives the tokens of ``title + "\\n"`` after the prompt. The SFT target is those tokens then EOS;
 the Flower loss trie holds the same sequences each followed by EOS, so the termination token ⊤
@@ -61,8 +69,8 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,14 +81,19 @@ import torch
 from flower_ext import Trie, losses
 from torch import Tensor
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
+from .config_checks import BOOLEAN, PATH, Rule, integer, number, one_of, optional, shown
 from .data import Dataset, load_dataset
 from .decoding import Catalog, TrieDecoder
+from .files import atomic_files, atomic_open, check_whole, read_json, read_text, reading
 from .prompts import DOMAINS, PromptCutoffError, build_prompt, encode, sample_prompts
 from .rewards import DEFAULT_FLOOR_COUNT, REWARD_VARIANTS, PopularityRewards
 
 __all__ = [
     "CONFIG_FILE",
+    "FIELD_RULES",
     "FLOW_LOSSES",
     "METHODS",
     "METRICS_FILE",
@@ -100,8 +113,8 @@ FLOW_LOSSES = ("subtb", "flow_matching")
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-# Fields that may differ between a run and its resumption.
-_RESUMABLE_FIELDS = ("resume", "progress", "tensorboard")
+# Fields that may differ between a run and its resumption (the run folder may have moved).
+_RESUMABLE_FIELDS = ("out", "resume", "progress", "tensorboard")
 
 ProbabilitySource = Callable[[Tensor], Tensor]
 """Per-sample item probabilities: sample indices ``[B]`` (into the training split, or the
@@ -112,6 +125,67 @@ logger = logging.getLogger(__name__)
 
 class TrainConfigError(ValueError):
     """A training configuration that cannot run (the message says which field and why)."""
+
+
+_POSITIVE = number(0, above=True, must="be a positive number")
+_NON_NEGATIVE = number(0, must="be a non-negative number")
+_COUNT = integer(1)
+_OPTIONAL_COUNT = optional(_COUNT)
+_PROBABILITIES = Rule(
+    "be a tensor, a .pt / .safetensors file, a callable or None",
+    lambda value: value is None or isinstance(value, (Tensor, str, os.PathLike)) or callable(value),
+)
+
+FIELD_RULES: dict[str, Rule] = {
+    "data": PATH,
+    "out": PATH,
+    "method": one_of(METHODS),
+    "model": optional(PATH),
+    "tiny_hidden_size": _COUNT,
+    "tiny_layers": _COUNT,
+    "tiny_heads": _COUNT,
+    "tiny_vocab_size": _COUNT,
+    "lora": BOOLEAN,
+    "lora_r": _COUNT,
+    "lora_alpha": _POSITIVE,
+    "lora_dropout": number(0, 1, below=True, must="lie in [0, 1)"),
+    "lora_target_modules": Rule(
+        "be a module name or a list of them",
+        lambda value: isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(name, str) for name in value)),
+    ),
+    "bf16": BOOLEAN,
+    "theta": number(0, 1, must="lie in [0, 1]"),
+    "reward": one_of(REWARD_VARIANTS),
+    "flow_loss": one_of(FLOW_LOSSES),
+    "floor_count": _POSITIVE,
+    "aux_probabilities": _PROBABILITIES,
+    "valid_aux_probabilities": _PROBABILITIES,
+    "domain": one_of(sorted(DOMAINS)),
+    "max_prompt_tokens": _OPTIONAL_COUNT,
+    "learning_rate": _POSITIVE,
+    "warmup_steps": integer(0),
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": number(0, must="be a non-negative number (0: no clipping)"),
+    "epochs": _NON_NEGATIVE,
+    "max_steps": Rule(
+        "be a positive integer, or -1 to train for `epochs`",
+        lambda value: _COUNT.accepts(value) or (type(value) is int and value == -1),
+    ),
+    "batch_size": _COUNT,
+    "gradient_accumulation_steps": _COUNT,
+    "save_steps": _COUNT,
+    "save_total_limit": _OPTIONAL_COUNT,
+    "logging_steps": _COUNT,
+    "eval_steps": _OPTIONAL_COUNT,
+    "valid_limit": _OPTIONAL_COUNT,
+    "early_stopping_patience": _OPTIONAL_COUNT,
+    "seed": integer(0, 2**32 - 1),  # numpy's seeds are 32-bit
+    "resume": BOOLEAN,
+    "tensorboard": BOOLEAN,
+    "progress": BOOLEAN,
+}
+"""The type and range of every :class:`TrainConfig` field, checked before anything runs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +223,8 @@ class TrainConfig:
             history titles, whole, until they fit (:func:`flower_rec.prompts.fit_prompts`), in
             training and validation alike; None keeps every prompt whole.
         learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW and its schedule
-            (linear decay after the warm-up).
-        epochs: training epochs; ``max_steps`` > 0 overrides them.
+            (linear decay after the warm-up); ``max_grad_norm`` 0 clips no gradient.
+        epochs: training epochs; ``max_steps`` > 0 overrides them (-1: train for ``epochs``).
         batch_size: samples per device per forward; ``gradient_accumulation_steps`` forwards
             per optimizer step.
         save_steps: a checkpoint every this many optimizer steps; ``save_total_limit`` keeps the
@@ -164,7 +238,7 @@ class TrainConfig:
             evaluations in a row and keep the best checkpoint as the final model; needs
             ``eval_steps``, and ``save_steps`` a multiple of it. None: train to the end.
         seed: model initialisation, data order and rollouts.
-        resume: continue the run in ``out`` from its newest checkpoint.
+        resume: continue the run in ``out`` from its newest complete checkpoint.
         tensorboard: also write TensorBoard event files (needs the tensorboard package).
         progress: progress bars.
     """
@@ -212,61 +286,43 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """From a mapping (a YAML / JSON file); unknown keys are an error."""
+        """From a mapping (a YAML / JSON file); unknown or missing keys and a value of the wrong
+        type or range (:data:`FIELD_RULES`) are errors naming the option."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - names, key=str)
         if unknown:
-            raise TrainConfigError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**values)
+            raise TrainConfigError(f"unknown training option(s): {', '.join(map(shown, unknown))}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in values]
+        if missing:
+            flags = ", ".join(f"{name} (--{name})" for name in missing)
+            raise TrainConfigError(f"missing training option(s): {flags}")
+        config = cls(**values)
+        config._check_fields()
+        return config
 
     @property
     def needs_probabilities(self) -> bool:
         return self.method == "flower" and self.reward != "logp"
 
+    def _check_fields(self) -> None:
+        """Every field's type and range, before any of them is used."""
+        for name, rule in FIELD_RULES.items():
+            problem = rule.problem(name, getattr(self, name))
+            if problem:
+                raise TrainConfigError(problem)
+
     def validate(self) -> None:
-        """Raises :class:`TrainConfigError` naming the first invalid field."""
+        """Raises :class:`TrainConfigError` naming the first invalid field: each field's type and
+        range (:data:`FIELD_RULES`), then the rules between fields."""
 
         def fail(message: str) -> None:
             raise TrainConfigError(message)
 
-        if self.method not in METHODS:
-            fail(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.reward not in REWARD_VARIANTS:
-            fail(f"unknown reward {self.reward!r}; expected one of {REWARD_VARIANTS}")
-        if self.flow_loss not in FLOW_LOSSES:
-            fail(f"unknown flow_loss {self.flow_loss!r}; expected one of {FLOW_LOSSES}")
-        if not (isinstance(self.theta, (int, float)) and 0.0 <= self.theta <= 1.0):
-            fail(f"theta must lie in [0, 1], got {self.theta!r}")
-        if not (isinstance(self.floor_count, (int, float)) and self.floor_count > 0
-                and math.isfinite(self.floor_count)):
-            fail(f"floor_count must be a positive number, got {self.floor_count!r}")
-        if self.domain not in DOMAINS:
-            fail(f"unknown domain {self.domain!r}; expected one of {sorted(DOMAINS)}")
-        positive = {
-            "batch_size": self.batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "save_steps": self.save_steps,
-            "logging_steps": self.logging_steps,
-            "tiny_hidden_size": self.tiny_hidden_size,
-            "tiny_layers": self.tiny_layers,
-            "tiny_heads": self.tiny_heads,
-            "lora_r": self.lora_r,
-        }
-        optional = {
-            "eval_steps": self.eval_steps,
-            "valid_limit": self.valid_limit,
-            "early_stopping_patience": self.early_stopping_patience,
-            "max_prompt_tokens": self.max_prompt_tokens,
-        }
-        for name, value in positive.items():
-            if not (isinstance(value, int) and value > 0):
-                fail(f"{name} must be a positive integer, got {value!r}")
-        for name, value in optional.items():
-            if value is not None and not (isinstance(value, int) and value > 0):
-                fail(f"{name} must be a positive integer or None, got {value!r}")
+        self._check_fields()
         if self.eval_steps is None:
             for name in ("valid_limit", "early_stopping_patience"):
-                if optional[name] is not None:
+                if getattr(self, name) is not None:
                     fail(f"{name} needs eval_steps (the validation loss is computed every "
                          "eval_steps optimizer steps)")
         elif self.early_stopping_patience is not None and self.save_steps % self.eval_steps:
@@ -277,12 +333,8 @@ class TrainConfig:
         if self.tiny_hidden_size % self.tiny_heads:
             fail(f"tiny_hidden_size {self.tiny_hidden_size} is not a multiple of tiny_heads "
                  f"{self.tiny_heads}")
-        if not self.learning_rate > 0:
-            fail(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.max_steps <= 0 and not self.epochs > 0:
+        if self.max_steps == -1 and not self.epochs > 0:
             fail(f"epochs must be positive (or max_steps > 0), got {self.epochs!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            fail("warmup_steps and weight_decay must not be negative")
         if self.needs_probabilities and self.aux_probabilities is None:
             fail(
                 f"reward {self.reward!r} needs aux_probabilities (p_u of every training sample "
@@ -787,6 +839,26 @@ class FlowerTrainer(Trainer):
         self._eval_parts: dict[str, list[Tensor]] = {}  # per batch: part x batch size
         self._eval_samples = 0
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs,
+                             resume_from_checkpoint, trial):
+        """The Trainer's, with two repairs for a resumed run. The best checkpoint (early stopping)
+        is looked up in this run folder: the saved path names the folder the run was in, which
+        may have moved. And a checkpoint that ends the run (its last step, or the step early
+        stopping stopped at: a kill came during the final save) resumes to no training steps:
+        the Trainer's loop would take one more step before it looks at the stop."""
+        epochs_trained, steps_trained_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is None:
+            return epochs_trained, steps_trained_in_epoch
+        if self.state.best_global_step:
+            best = f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            folder = Path(self.args.output_dir) / best
+            self.state.best_model_checkpoint = str(folder) if folder.is_dir() else None
+        if self.state.global_step >= max_steps or self.control.should_training_stop:
+            return num_train_epochs, 0  # past the last epoch: the loop runs no step
+        return epochs_trained, steps_trained_in_epoch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         seed = None
         if self.objective.sampled:
@@ -855,34 +927,40 @@ class _SaveBestCallback(TrainerCallback):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends every Trainer log to a JSONL file (main process). On (re)start it drops the
-    lines past the step the run starts from, so a resumed run's file reads as an
+    """Keeps every Trainer log as a line of a JSONL file (main process). Each log rewrites the
+    whole file atomically (a temporary file moved over it) instead of appending to it, so a kill
+    leaves the previous whole file, never a torn or half-written line; the cost, a copy of the
+    file per log, is small beside a training step. On (re)start it keeps the lines up to the step
+    the run starts from and drops the final summary, so a resumed run's file reads as an
     uninterrupted run's."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.lines: list[str] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        kept = []
+        self.lines = []
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
+            for number, line in enumerate(read_text(self.path).splitlines(), start=1):
+                with reading(f"{self.path}, line {number}"):
                     record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
+                    if not isinstance(record, dict):
+                        raise ValueError("not a JSON object")
                 if record.get("step", 0) <= state.global_step and "train_runtime" not in record:
-                    kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+                    self.lines.append(line)
+        self._write()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, **logs}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        self.lines.append(json.dumps({"step": state.global_step, **logs}))
+        self._write()
+
+    def _write(self) -> None:
+        with atomic_open(self.path, "w", encoding="utf-8") as handle:
+            handle.writelines(f"{line}\n" for line in self.lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -899,7 +977,8 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
 
     if config.model is None:
         if saved_tokenizer:
-            tokenizer = AutoTokenizer.from_pretrained(run_dir)
+            with reading(f"the tokenizer saved in {run_dir}"):
+                tokenizer = AutoTokenizer.from_pretrained(run_dir)
         else:
             tokenizer = train_tokenizer(corpus(dataset, config.domain), config.tiny_vocab_size)
         model = tiny_llama(
@@ -910,8 +989,9 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
             seed=config.seed,
         )
     else:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+        with reading(f"model {config.model}"):
+            tokenizer = AutoTokenizer.from_pretrained(config.model)
+            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     if tokenizer.eos_token_id is None:
         raise TrainConfigError(f"the tokenizer of {config.model!r} has no EOS token")
     if tokenizer.pad_token_id is None:
@@ -951,14 +1031,16 @@ def _probability_source(
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            tensors = load_file(path)
+            with reading(path):
+                tensors = load_file(path)
             if len(tensors) != 1:
                 raise TrainConfigError(
                     f"{path} holds {len(tensors)} tensors; expected one [samples, items] tensor"
                 )
             (aux,) = tensors.values()
         else:
-            aux = torch.load(path, map_location="cpu", weights_only=True)
+            with reading(path):
+                aux = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(aux, Tensor):
         raise TrainConfigError(
             f"{name} must be a tensor, a file or a callable, got {type(aux).__name__}"
@@ -976,22 +1058,65 @@ def _probability_source(
     return lookup
 
 
-def _prepare_run_dir(config: TrainConfig, run_dir: Path, check: bool) -> bool:
-    """Whether the run folder holds a checkpoint to resume from; with ``check`` (the main
-    process), also that the folder agrees with ``resume`` and the saved configuration."""
-    checkpoints = sorted((run_dir / CHECKPOINT_DIR).glob("checkpoint-*"))
-    if not check:
-        return bool(checkpoints) and config.resume
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's Trainer checkpoint folders, newest first."""
+    steps = {}
+    for folder in (run_dir / CHECKPOINT_DIR).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-([0-9]+)", folder.name)
+        if match and folder.is_dir():
+            steps[folder] = int(match[1])
+    return sorted(steps, key=steps.get, reverse=True)
+
+
+def _state_files(folder: Path, lora: bool, world_size: int) -> list[str]:
+    """The files a checkpoint needs for the Trainer to resume from it exactly, in the order the
+    Trainer writes them: the model (a LoRA run's adapter), the optimizer, the schedule, every
+    process's RNG state and last the trainer state. Without one of them the Trainer would resume
+    anyway, from other states (a missing ``scheduler.pt`` skips the optimizer's too)."""
+    if lora:
+        model = ["adapter_model.safetensors", "adapter_config.json"]
+    elif (folder / SAFE_WEIGHTS_INDEX_NAME).exists():  # a large model, saved in shards
+        index = read_json(folder / SAFE_WEIGHTS_INDEX_NAME)
+        with reading(folder / SAFE_WEIGHTS_INDEX_NAME):
+            shards = sorted(set(index["weight_map"].values()))
+        model = ["config.json", *shards, SAFE_WEIGHTS_INDEX_NAME]
+    else:
+        model = ["config.json", "model.safetensors"]
+    rng = [f"rng_state_{i}.pth" for i in range(world_size)] if world_size > 1 else ["rng_state.pth"]
+    return [*model, "optimizer.pt", "scheduler.pt", *rng, "trainer_state.json"]
+
+
+def _checkpoint_problem(folder: Path, lora: bool, world_size: int) -> str | None:
+    """Why the Trainer cannot resume from checkpoint ``folder`` (a state file missing or cut
+    short: a kill while the checkpoint was being written, or while an old one was being deleted),
+    or None when it is complete."""
+    try:
+        for name in _state_files(folder, lora, world_size):
+            check_whole(folder / name)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _prepare_run_dir(
+    config: TrainConfig, run_dir: Path, world_size: int, check: bool
+) -> Path | None:
+    """The checkpoint to resume from: with ``resume``, the run folder's newest complete one
+    (None if it has none). Newer incomplete ones are passed over, and left for the resumed run to
+    overwrite when it reaches their step. With ``check`` (the main process) it also checks that
+    the folder agrees with ``resume`` and the saved configuration, and says on stderr which
+    checkpoints it passes over."""
+    checkpoints = _checkpoints(run_dir)
     saved = run_dir / CONFIG_FILE
-    if not config.resume:
-        if saved.exists() or checkpoints:
-            raise TrainConfigError(
-                f"{run_dir} already holds a run: pass resume=True to continue it, or choose "
-                "another output folder"
-            )
-        return False
-    if saved.exists():
-        previous = json.loads(saved.read_text(encoding="utf-8"))
+    if check and not config.resume and (saved.exists() or checkpoints):
+        raise TrainConfigError(
+            f"{run_dir} already holds a run: pass resume=True to continue it, or choose "
+            "another output folder"
+        )
+    if check and config.resume and saved.exists():
+        previous = read_json(saved)
+        if not isinstance(previous, dict):
+            raise TrainConfigError(f"{saved}: not a training configuration (a JSON object)")
         current = config.to_dict()
         changed = sorted(
             k for k in current
@@ -1000,10 +1125,19 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path, check: bool) -> bool:
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
             raise TrainConfigError(f"cannot resume {run_dir} with a different configuration ({details})")
-    if not checkpoints:
-        warnings.warn(f"resume: {run_dir} has no checkpoint yet; training starts from the beginning",
-                      stacklevel=3)
-    return bool(checkpoints)
+    if not config.resume:
+        return None
+    for folder in checkpoints:
+        problem = _checkpoint_problem(folder, config.lora, world_size)
+        if problem is None:
+            return folder
+        if check:
+            warnings.warn(f"resume: passing over the incomplete {folder.name}: {problem}",
+                          stacklevel=3)
+    if check:
+        warnings.warn(f"resume: {run_dir} has no checkpoint to resume from; training starts from "
+                      "the beginning", stacklevel=3)
+    return None
 
 
 def _has_accelerator() -> bool:
@@ -1081,19 +1215,19 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
 
     args = _training_arguments(config, run_dir)  # sets up the process group under torchrun
     main = args.process_index == 0
-    has_checkpoint = _prepare_run_dir(config, run_dir, check=main)
+    checkpoint = _prepare_run_dir(config, run_dir, args.world_size, check=main)
     # The main process prepares the run folder first (the configuration; the tiny model's
     # tokenizer, which the other processes then read, so that every process has the same one).
     with args.main_process_first(local=False, desc="preparing the run folder"):
         model, tokenizer = _load_model(
-            config, dataset, run_dir, saved_tokenizer=has_checkpoint or not main
+            config, dataset, run_dir, saved_tokenizer=checkpoint is not None or not main
         )
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(config.to_dict(), indent=2) + "\n"
-            (run_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
+            with atomic_open(run_dir / CONFIG_FILE, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(config.to_dict(), indent=2) + "\n")
             if config.model is None:
-                tokenizer.save_pretrained(run_dir)
+                with atomic_files(run_dir) as staging:
+                    tokenizer.save_pretrained(staging)
     catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], config.domain))
     try:
         encoded = encode_samples(
@@ -1140,14 +1274,15 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         objective=objective,
         eval_probabilities=valid_probabilities,
     )
-    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
 
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         final = trainer.accelerator.unwrap_model(trainer.model)
         if config.lora:
             final = final.merge_and_unload()  # a plain model that `evaluate` loads without peft
-        final.save_pretrained(run_dir)
-        tokenizer.save_pretrained(run_dir)
+        with atomic_files(run_dir) as staging:
+            final.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     trainer.accelerator.wait_for_everyone()
     return run_dir
