@@ -142,6 +142,34 @@ def test_zero_priors_and_missing_rows(sample):
     assert torch.equal(torch.isfinite(guided[:2]).cpu(), finite.expand(2, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_rounding_matches_torch(device, dtype):
+    """The kernel's own float <-> float16 / bfloat16 conversions round as torch's .to() does,
+    across the whole range: random bit patterns (subnormals, the largest values, infinities)
+    shifted by amounts from 1e-10 to 1e10, so that results also underflow and overflow."""
+    vocab_size, rows = 2048, 32
+    trie = Trie.from_sequences([[v] for v in range(vocab_size)], device=device)
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randint(-(2**15), 2**15, (rows, vocab_size), generator=generator)
+    logits = patterns.to(torch.int16).view(dtype)
+    logits = logits.masked_fill(torch.isnan(logits), 0.0)  # NaN payloads are not compared
+    flows = torch.randn(trie.num_nodes, generator=generator)
+    flows *= torch.exp(torch.randn(trie.num_nodes, generator=generator) * 8)
+    flows[0] = 0.0  # the root: each child's shift is beta * flows[child]
+    beta = torch.randn(rows, generator=generator)
+    shift = beta[:, None] * flows[1:]  # the child of token v is node v + 1
+    expected = torch.where(shift == 0, logits, (logits.float() - shift).to(dtype))
+    guided = trie.guide_logits_(
+        logits.to(device),
+        torch.zeros(rows, dtype=torch.int64, device=device),
+        flows.to(device),
+        beta.to(device),
+    )
+    assert torch.equal(torch.isnan(guided.cpu()), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert torch.equal(bits(guided.cpu())[finite], bits(expected)[finite])
+
+
 @pytest.fixture
 def four_threads():
     threads = torch.get_num_threads()
