@@ -8,6 +8,10 @@ synthetic/, aux/, runs/<variant>/, report.json, groups.png) and a rerun skips wh
 an interrupted ablation continues.
 
     python scripts/ablation.py --out runs/ablation       # ~85 minutes: 15 runs
+    python scripts/ablation.py --out runs/sft-seeds --only-sft   # SFT over the seeds alone
+
+Every model is decoded with beam search, flow-guided beam search (chosen on the valid split)
+and sampled top-K.
 """
 
 from __future__ import annotations
@@ -65,8 +69,12 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds of SFT and the reference Flower setting")
     parser.add_argument("--quick", action="store_true", help="a smoke run (60 steps each)")
+    parser.add_argument("--only-sft", action="store_true",
+                        help="SFT over the seeds only (the guided-decoding evidence)")
     args = parser.parse_args()
     variants = grid(args.seeds)
+    if args.only_sft:
+        variants = [variant for variant in variants if variant.method == "sft"]
     report = run_demo(DemoConfig(out=args.out, epochs=args.epochs, quick=args.quick), variants)
     for decoding in DECODINGS:
         print(summary_table(report, variants, decoding), end="\n\n")

@@ -11,7 +11,8 @@ from flower_rec.prepare import prepare_synthetic
 
 def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--eval-limit", "40", "--out", str(out)]) == 0
+    quick = ["demo", "--quick", "--eval-limit", "40", "--guidance-users", "40", "--out", str(out)]
+    assert main(quick) == 0
     table = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     labels = [f"{method}, {decoding}" for method in ("sft", "flower") for decoding in DECODINGS]
@@ -21,14 +22,19 @@ def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, 
         assert metrics["num_samples"] == 40 and metrics["invalid_outputs"] == 0
         assert all(name in metrics for name in COLUMNS) and metrics["train_seconds"] > 0
         assert f"| {label} |" in table
-    assert [line.split(":")[0] for line in report["claim"]] == list(DECODINGS)
+    assert [line.split(":")[0] for line in report["claim"]] == labels[1:]  # each vs sft, beam
     assert all(line in table for line in report["claim"])
+    for name in ("sft", "flower"):
+        guidance = report["results"][f"{name}, guided-beam"]["guidance"]
+        assert guidance["selection"]["users"] == 40 and guidance["beta"] >= 0
+        assert (out / f"guidance-{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["results"]["sft, beam"]["guidance"]["selection"] is None
     assert (out / "groups.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "runs" / "flower" / "metrics.jsonl").read_text().count('"subtb"') > 0
 
     done = [*out.glob("runs/*/model*.safetensors"), *out.glob("runs/*/evaluation-*.json")]
     trained = {path: path.stat().st_mtime_ns for path in done}
-    assert main(["demo", "--quick", "--eval-limit", "40", "--out", str(out)]) == 0
+    assert main(quick) == 0
     assert {path: path.stat().st_mtime_ns for path in trained} == trained  # not redone
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
 
@@ -54,13 +60,21 @@ def test_demo_rejects_two_variants_with_one_name(tmp_path):
 
 
 def test_claim_verdicts_need_differences_beyond_seed_noise():
+    """Every row is judged against SFT's beam search."""
     sft = {"DGU": 0.5, "MGU": 0.1, "word_entropy": 4.0, "NDCG@10": 0.10}
     better = {"DGU": 0.2, "MGU": 0.05, "word_entropy": 4.5, "NDCG@10": 0.095}
     within_noise = {"DGU": 0.48, "MGU": 0.098, "word_entropy": 4.04, "NDCG@10": 0.08}
-    results = {"sft, beam": sft, "flower, beam": better,
-               "sft, sampled-top-k": sft, "flower, sampled-top-k": within_noise}
-    beam, sampled = claim_verdicts(results)
-    assert beam.startswith("beam: the paper's claim is reproduced: DGU 0.5000 -> 0.2000 (-60%)")
-    assert ("NOT reproduced (not met: DGU 10% lower, MGU 10% lower, entropy 2% higher, "
-            "NDCG@10 >= 0.9x)") in sampled
-    assert "(+1.0%), NDCG@10 0.80x sft's" in sampled
+    results = {"sft, beam": sft, "sft, guided-beam": better, "flower, beam": within_noise}
+    guided, flower = claim_verdicts(results)
+    assert guided.startswith(
+        "sft, guided-beam: the claim against sft, beam is met: DGU 0.5000 -> 0.2000 (-60%)"
+    )
+    assert ("NOT met (DGU 10% lower, MGU 10% lower, entropy 2% higher, NDCG@10 >= 0.9x "
+            "failed)") in flower
+    assert "(+1.0%), NDCG@10 0.80x" in flower
+
+
+def test_demo_refuses_a_bad_guidance_before_training(tmp_path):
+    with pytest.raises(ValueError, match="guidance must be 'auto' or a finite number"):
+        run_demo(DemoConfig(out=str(tmp_path), guidance="strong"))
+    assert not (tmp_path / "synthetic").exists()

@@ -136,5 +136,5 @@ def plot_guidance_curve(
     axes.set_ylabel("NDCG@10")
     axes.set_title(title)
     axes.grid(alpha=0.35)
-    axes.legend(loc="lower right", frameon=False, fontsize=8)
+    axes.legend(loc="best", fontsize=8, framealpha=0.85)
     return _save(figure, path, dpi)
