@@ -20,7 +20,10 @@ from pathlib import Path
 
 import catalogs
 
-OP_ORDER = ["build", "log_flows", "token_bitmask", "mask_logits_", "subtb_loss", "beam_search"]
+OP_ORDER = [
+    "build", "log_flows", "token_bitmask", "mask_logits_", "guide_logits_", "subtb_loss",
+    "beam_search", "guided_beam_search",
+]
 CATALOG_ORDER = [catalogs.VIDEO_GAMES, *catalogs.SYNTHETIC_SIZES]
 
 
