@@ -553,3 +553,46 @@ def test_bad_guidance_is_a_value_error_naming_it(model, tokenizer, catalog, prom
         dec.exact_item_log_probs(prompts, normalize="model", guidance=Guidance(prior))
     with pytest.raises(ValueError, match="must be a Guidance"):
         dec.beam_search_items(prompts, guidance=0.5)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_guided_processor_in_greedy_search_and_sampling(
+    model, tokenizer, catalog, prompts, do_sample
+):
+    """transformers hands greedy search and sampling raw logits: the guided processor makes
+    them pick from (or draw from) the guided trie distribution. Every output is an item, beta 0
+    is the unguided processor, and a strong guidance changes the picks toward the prior's
+    tail."""
+    prior = random_prior(catalog, 9)
+    flows = catalog.trie.log_flows(prior)
+    inputs = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    width = inputs["input_ids"].shape[1]
+    lookup = {tuple(s): i for i, s in reversed(list(enumerate(catalog.item_tokens.sequences)))}
+
+    def generate(**guidance) -> torch.Tensor:
+        processor = TrieLogitsProcessor(catalog.trie, width, tokenizer.eos_token_id, **guidance)
+        config = GenerationConfig(
+            do_sample=do_sample, max_new_tokens=64, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, top_k=None, top_p=None,
+        )
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, generation_config=config,
+                logits_processor=LogitsProcessorList([processor]),
+            )
+        rows = out[:, width:].tolist()
+        return torch.tensor([lookup[tuple(row[: row.index(tokenizer.eos_token_id)])] for row in rows])
+
+    plain = generate()
+    assert torch.equal(plain, generate(log_flows=flows, beta=0.0))
+    strong = generate(log_flows=flows, beta=4.0)
+    assert float(prior[strong].mean()) < float(prior[plain].mean())
+    if not do_sample:  # greedy: the first token is the argmax of the guided root logits
+        positions = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        root = model(**inputs, position_ids=positions).logits[:, -1].float()
+        guided = catalog.trie.guide_logits_(
+            root, torch.zeros(len(prompts), dtype=torch.int32), flows, 4.0
+        )
+        first = [catalog.item_tokens.sequences[item][0] for item in strong.tolist()]
+        assert guided.argmax(dim=1).tolist() == first

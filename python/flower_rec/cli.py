@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from .demo import DemoConfig
     from .decoding import GUIDANCE_FORMS
+    from .demo import DemoConfig
     from .evaluate import DECODING_MODES
     from .prompts import DOMAINS
     from .rewards import REWARD_VARIANTS

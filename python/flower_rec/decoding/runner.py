@@ -8,7 +8,6 @@ import inspect
 import math
 import time
 import warnings
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
