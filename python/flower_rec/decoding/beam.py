@@ -144,13 +144,10 @@ class BeamSearch(ModelRunner):
             if running.numel() == 0:
                 break
 
-            parent = cand_row[running]
-            cache.reorder_cache(parent)
-            row_mask = torch.cat([row_mask[parent], row_mask.new_ones(parent.numel(), 1)], dim=1)
             row_batch, row_node = cand_batch[running], cand_node[running]
             row_model, row_guide = cand_model[running], cand_guide[running]
-            positions = (batch.lengths[row_batch] + step).unsqueeze(1)
-            logits, cache = self.forward(
-                cand_token[running].unsqueeze(1), row_mask, positions, cache, True
+            logits, cache, row_mask = self.extend(
+                cache, row_mask, cand_row[running], cand_token[running],
+                batch.lengths[row_batch] + step,
             )
         return finished_node.cpu(), finished_score.cpu()

@@ -219,6 +219,17 @@ class ModelRunner:
         logits = output.logits[:, -1] if last_only else output.logits
         return logits.float(), cache
 
+    def extend(self, cache, row_mask: Tensor, parent: Tensor, tokens: Tensor, positions: Tensor):
+        """One decoding step of the rows that go on: row r continues cache row ``parent[r]``
+        with token ``tokens[r]`` at position ``positions[r]``. Returns the new rows' logits
+        ``[R, V]``, the cache and the attention mask."""
+        cache.reorder_cache(parent)
+        row_mask = torch.cat([row_mask[parent], row_mask.new_ones(parent.numel(), 1)], dim=1)
+        logits, cache = self.forward(
+            tokens.unsqueeze(1), row_mask, positions.unsqueeze(1), cache, True
+        )
+        return logits, cache, row_mask
+
     def prefill(self, batch: PromptBatch):
         return self.forward(
             batch.input_ids, batch.attention_mask, batch.position_ids, _new_cache(self.model), True

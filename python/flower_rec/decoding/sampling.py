@@ -129,11 +129,9 @@ class Sampling(ModelRunner):
             keep = (~complete).nonzero().squeeze(1)
             if keep.numel() == 0 or step == max_new_tokens - 1:
                 break
-            cache.reorder_cache(keep)
-            row_mask = torch.cat([row_mask[keep], row_mask.new_ones(keep.numel(), 1)], dim=1)
             row_out, row_node, row_length = row_out[keep], row_node[keep], row_length[keep]
-            logits, cache = self.forward(
-                tokens[keep].unsqueeze(1), row_mask, (row_length + step).unsqueeze(1), cache, True
+            logits, cache, row_mask = self.extend(
+                cache, row_mask, keep, tokens[keep], row_length + step
             )
         return result.cpu()
 
@@ -218,14 +216,11 @@ class Sampling(ModelRunner):
             done_phi, done_key = all_phi[finished], all_key[finished]
             if running.numel() == 0 or step == max_new_tokens - 1:
                 break
-            parent = all_parent[running]
-            cache.reorder_cache(parent)
-            row_mask = torch.cat([row_mask[parent], row_mask.new_ones(parent.numel(), 1)], dim=1)
             row_batch, row_node = all_batch[running], all_node[running]
             row_phi, row_key = all_phi[running], all_key[running]
-            positions = (batch.lengths[row_batch] + step).unsqueeze(1)
-            logits, cache = self.forward(
-                all_token[running].unsqueeze(1), row_mask, positions, cache, True
+            logits, cache, row_mask = self.extend(
+                cache, row_mask, all_parent[running], all_token[running],
+                batch.lengths[row_batch] + step,
             )
 
         nodes = torch.full((B, k), -1, dtype=torch.long)
