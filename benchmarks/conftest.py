@@ -22,7 +22,7 @@ Layout:
                         Flower and flow-matching training steps, their trie-work share, and the
                         published per-step trie work on the same batches
 
-Rules (DESIGN.md section 6): each op sits in one pytest-benchmark group per catalog with its
+Rules (docs/design.md section 6): each op sits in one pytest-benchmark group per catalog with its
 baselines; every result is checked equal to the baselines' before anything is timed; only
 ratios from one run are reported. Catalogs: the real Video_Games titles (skipped when the
 shared data is absent) and seeded synthetic catalogs of 100k and 1M items.

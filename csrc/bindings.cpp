@@ -1,4 +1,4 @@
-// The Python module flower_ext._C: declarations only. Arrays cross as addresses (DESIGN.md
+// The Python module flower_ext._C: declarations only. Arrays cross as addresses (docs/design.md
 // section 3); the torch glue that produces them is flower_ext/ops.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

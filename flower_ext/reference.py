@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of every trie op and Flower loss, for tests and benchmark baselines.
 
-Everything here is written from the definitions (DESIGN.md section 4, docs/method.md sections
+Everything here is written from the definitions (docs/design.md section 4, docs/method.md sections
 2-3) and shares no code with the compiled kernels, :mod:`flower_ext.ops` or
 :class:`flower_ext.Trie`:
 

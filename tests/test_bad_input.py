@@ -1,5 +1,5 @@
 """Bad input raises a Python exception (ValueError where the input is at fault) whose message
-names the problem, and never crashes the process (DESIGN.md sections 3 and 6)."""
+names the problem, and never crashes the process (docs/design.md sections 3 and 6)."""
 
 import numpy as np
 import pytest

@@ -344,7 +344,7 @@ INFO = SHARED / "data" / "flower_official" / "Video_Games" / "info"
 COUNTS_FILE = INFO / "Video_Games_title_interaction_5_2015-10-2018-11.json"
 GROUPS_FILE = INFO / "Video_Games_group_title_8_2015-10-2018-11.json"
 
-# GH printed in the paper's setting (docs/method.md, the issue) ...
+# GH printed in the paper's setting (docs/method.md section 4) ...
 EXPECTED_GH = [0.4810, 0.1725, 0.1099, 0.0795, 0.0611, 0.0467, 0.0332, 0.0161]
 # ... and the constants hard-coded in the authors' calc.py (gh_genre for Video_Games)
 AUTHORS_GH = [0.48097812357904307, 0.17252196598430114, 0.10991029886599027,

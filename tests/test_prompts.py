@@ -180,7 +180,7 @@ def test_bad_titles():
 def test_video_games_with_the_qwen_tokenizer():
     """Zero boundary merges over the 3,858 titles; collisions are exactly the duplicate titles
     (byte-level BPE is lossless); the newline merges with the title's end for ~14% of titles
-    (method.md pitfall 3), so items end with one of a few newline tokens."""
+    (docs/method.md section 5, pitfall 3), so items end with one of a few newline tokens."""
     tokenizer = Tokenizer.from_file(str(QWEN_TOKENIZER))
     lines = VIDEO_GAMES_TITLES.read_text(encoding="utf-8").splitlines()
     titles = [line.rsplit("\t", 1)[0] for line in lines if line]

@@ -10,7 +10,7 @@ What the data shows about the published trie (checked below):
   shared by several item ids is one item with one count;
 * each title is encoded without special tokens and *then* followed by token 198 ("\\n"), so its
   path differs from the one of ``title + "\\n"`` encoded as one string for 516 counted titles
-  (pitfall 3 of docs/method.md).
+  (docs/method.md section 5, pitfall 3).
 
 We build over *all* catalog items instead, with a -inf log-reward for uncounted titles: their
 598 extra prefixes must get zero flow and drop out, which exercises the -inf handling.
@@ -209,7 +209,7 @@ def test_every_positive_flow_node_with_children_is_published(trie, flows, publis
 
 def test_published_trie_tokenises_title_and_newline_separately(data, tokenizer, trie):
     """Encoding ``title + "\\n"`` as one string merges the newline into the title's last token
-    for some titles; those paths leave the published trie (pitfall 3 of docs/method.md)."""
+    for some titles; those paths leave the published trie (docs/method.md section 5, pitfall 3)."""
     counted = list(data.counts)
     encodings = tokenizer.encode_batch([t + "\n" for t in counted], add_special_tokens=False)
     joint = [encoding.ids for encoding in encodings]

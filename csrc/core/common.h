@@ -15,7 +15,7 @@
 namespace flower {
 
 // Tensor storage crosses the Python boundary as a plain address: the compiled module never sees a
-// torch object, so it links no torch library (DESIGN.md section 3).
+// torch object, so it links no torch library (docs/design.md section 3).
 using Address = std::uintptr_t;
 
 template <typename T>

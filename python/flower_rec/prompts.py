@@ -22,7 +22,7 @@ the generic "items" / "item" / "interacted with". The published file joins histo
 (``"A", "B"``), which keeps titles that contain commas apart.
 
 Items: :func:`item_token_sequences` is the single place where a title becomes tokens. Trie, SFT
-targets, rollouts and decoding all take its sequences (method.md section 5, pitfall 3): the tokens
+targets, rollouts and decoding all take its sequences (docs/method.md section 5, pitfall 3): the tokens
 of ``title + "\\n"`` exactly as the tokenizer produces them after the prompt. Byte-level BPE
 tokenizers (Qwen, GPT-2, Llama 3) merge trailing punctuation with the newline (``")\\n"`` is one
 Qwen token), so the final token of an item is not always the bare newline: :class:`ItemTokens`

@@ -5,7 +5,7 @@ The output of this module is a tensor of *item* log-rewards, one entry per item 
 ``[B, I]`` with one row per training sample), ready for ``trie.log_flows`` on the loss trie,
 whose leaves are the items' token sequences followed by EOS. Everything that makes the rewards
 per user is applied here, to the item rewards, *before* the flows are aggregated, so each
-user's flows are exact (method.md section 3, last paragraph).
+user's flows are exact (docs/method.md section 3.2).
 
 Popularity ``R_o``: how often the item's title occurs in the history lists of the training
 samples (:func:`flower_rec.data.popularity_counts`, ``mode="history"``). Items are keyed by
@@ -20,10 +20,10 @@ title, as in the paper:
   floor count ``floor_count``, 0.5 by default: half the smallest count a seen title can have
   (1), so an unseen item is rewarded less than any seen item but stays reachable with a finite
   log-reward (a zero reward would leave a trie path that the on-policy rollout can sample but
-  whose per-state log-reward is -inf; method.md pitfall 4).
+  whose per-state log-reward is -inf; docs/method.md section 5, pitfall 4).
 - ``Z`` is the sum of the rewards of the distinct titles (floors included); the base log-reward
   of an item is ``log(R_o(title) / Z)``, so for the plain ``logp`` variant the root flow is
-  ``log 1 = 0`` and the path product to an item is ``R_o / Z`` (method.md section 3, step 3).
+  ``log 1 = 0`` and the path product to an item is ``R_o / Z`` (docs/method.md section 3, step 3).
 
 Personalised variants, from ``p [B, I]``, the auxiliary recommender's probability of each item id
 for each sample's history (rows sum to 1 or not; only ratios and ranks within a row matter):
@@ -67,7 +67,7 @@ __all__ = [
     "personalise",
 ]
 
-#: The reward variants (method.md section 3); ``logp_div_s`` is the paper's default.
+#: The reward variants (docs/method.md section 3.2); ``logp_div_s`` is the paper's default.
 REWARD_VARIANTS = ("logp", "logp_div_s", "logp_add_logs")
 #: Count given to titles without a training-history count: half the smallest real count (1).
 DEFAULT_FLOOR_COUNT = 0.5

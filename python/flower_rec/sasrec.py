@@ -1,5 +1,5 @@
 """SASRec, the auxiliary sequential recommender of the personalised rewards (docs/method.md,
-section 3): its item scores for a sample's history give p_u, from which the trainer computes
+section 3.2): its item scores for a sample's history give p_u, from which the trainer computes
 s_ui.
 
 The model is the self-attentive sequential recommender of Kang & McAuley (ICDM 2018) in the
@@ -436,7 +436,7 @@ def item_probabilities(
     exclude_history: bool = True,
     batch_size: int = 1024,
 ) -> Tensor:
-    """p_u of docs/method.md section 3: the softmax of the model's scores for each sample's
+    """p_u of docs/method.md section 3.2: the softmax of the model's scores for each sample's
     history, ``[B, num_items]`` float32 on the model's device (eval mode, no gradient; the
     model's mode is restored). ``samples`` are :class:`Sample` objects or plain histories.
 

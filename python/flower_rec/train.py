@@ -27,7 +27,7 @@ at and the same metrics file, also from a folder that has moved. The files the r
 its old or its new version; the configuration is checked (:data:`FIELD_RULES`) before anything
 runs.
 
-One tokenisation of every item (method.md pitfall 3): :func:`flower_rec.prompts.item_token_sequences`
+One tokenisation of every item (docs/method.md section 5, pitfall 3): :func:`flower_rec.prompts.item_token_sequences`
 gives the tokens of ``title + "\\n"`` after the prompt. The SFT target is those tokens then EOS;
 the Flower loss trie holds the same sequences each followed by EOS, so the termination token ⊤
 of the losses is EOS, as in decoding (beam search ends an item with EOS). A trajectory is the
