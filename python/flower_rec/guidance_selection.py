@@ -29,8 +29,10 @@ from .decoding import GUIDANCE_FORMS, Guidance, TrieDecoder, guided_beam_scores
 from .metrics import evaluate_recommendations
 from .prompts import sample_prompts
 
-#: The beta grid when exact scoring serves the sweep (a re-ranking per point).
-EXACT_BETAS = tuple(0.125 * step for step in range(1, 13))
+#: The beta grid when exact scoring serves the sweep (a re-ranking per point). Fine at the low
+#: end: the ``item`` form adds the whole ``log(R / Z)`` to a per-token average, so its useful
+#: betas are (mean tokens + 1) times smaller than the ``normalized`` form's.
+EXACT_BETAS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 1.0, 5 / 4, 3 / 2)
 #: The beta grid of one beam search per setting: with both forms and the baseline, 7 passes.
 BEAM_BETAS = (0.25, 0.5, 1.0)
 #: The metrics kept per point of the curve.
