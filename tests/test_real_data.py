@@ -218,3 +218,19 @@ def test_published_trie_tokenises_title_and_newline_separately(data, tokenizer, 
     assert len(differing) == 516
 
     assert (_end_nodes(trie, differing) == -1).all()
+
+
+def test_guidance_lowers_each_published_child_by_its_published_log_share(
+    trie, flows, published
+):
+    """Flow guidance with beta = 1 on zero logits is -log(C(child) / C(node)) at every child
+    the authors published, -inf on the zero-flow children and on every other token of the
+    151,936-token vocabulary (64 published prefixes, spread over the file)."""
+    rows = torch.linspace(0, published.nodes.numel() - 1, 64).long()
+    logits = torch.zeros(len(rows), 151_936, dtype=torch.float64)
+    trie.guide_logits_(logits, published.nodes[rows], flows, 1.0)
+    entry = torch.isin(published.child_rows, rows)
+    position = torch.searchsorted(rows, published.child_rows[entry])
+    guided = logits[position, published.child_tokens[entry].long()]
+    torch.testing.assert_close(guided, -published.log_probs[entry], rtol=0, atol=TOLERANCE)
+    assert int(torch.isfinite(logits).sum()) == int(entry.sum())  # nothing else is allowed
