@@ -1,21 +1,16 @@
-"""Trie-constrained decoding helpers: a transformers logits processor (optionally flow-guided)
-and the bitmask it uses."""
+"""Trie-constrained decoding helpers: a transformers logits processor (optionally flow-guided),
+the bitmask it uses and the check of which items it can produce."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
 
-from . import ops
 from .trie import Trie
 
-__all__ = ["TrieLogitsProcessor", "allowed_token_bitmask"]
-
-
-def _as_int32_bit(position: int) -> int:
-    """The int32 value whose only set bit is ``position`` (bit 31 is the sign bit)."""
-    bit = 1 << position
-    return bit - (1 << 32) if bit >= 1 << 31 else bit
+__all__ = ["TrieLogitsProcessor", "allowed_token_bitmask", "ungeneratable_items"]
 
 
 def allowed_token_bitmask(
@@ -23,19 +18,29 @@ def allowed_token_bitmask(
 ) -> Tensor:
     """Bitmask ``[B, ceil(V / 32)]`` of the tokens each row may generate next: the children of
     its node, or, once the row has completed an item (a node without children) or left the trie
-    (node -1), only ``eos_token_id`` so that the sequence can end."""
-    bitmask = trie.token_bitmask(node_ids, vocab_size)
+    (node -1), only ``eos_token_id`` so that the sequence can end (:meth:`Trie.token_bitmask`
+    with ``finished_token``)."""
+    return trie.token_bitmask(node_ids, vocab_size, finished_token=eos_token_id)
+
+
+def ungeneratable_items(trie: Trie, eos_token_id: int | None) -> Tensor:
+    """Ids of the items that ``generate`` with a :class:`TrieLogitsProcessor` over ``trie`` can
+    never produce: generation ends an item with ``eos_token_id``, which the processor allows
+    where the item's node has no children, or where the trie has it as a child; an item whose
+    node has other children and no EOS child (an item that is a prefix of another, in a trie
+    built without EOS) cannot end there. Generation also stops at the first EOS, so an item
+    with EOS inside its sequence is cut short. Without an EOS id no row can end where other
+    items continue."""
+    has_children = trie.child_count > 0
+    can_end = ~has_children
     if eos_token_id is not None:
-        if not 0 <= eos_token_id < vocab_size:
-            raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {vocab_size})")
-        nodes = node_ids.long()
-        child_ptr = trie.child_ptr.long()
-        valid = nodes >= 0
-        safe = nodes.clamp(min=0)
-        finished = ~valid | (child_ptr[safe + 1] == child_ptr[safe])
-        word = bitmask[:, eos_token_id // 32]
-        word |= torch.where(finished, _as_int32_bit(eos_token_id % 32), 0).to(torch.int32)
-    return bitmask
+        is_eos = trie.token == eos_token_id
+        has_eos_child = torch.zeros_like(is_eos)
+        has_eos_child[trie.parent[is_eos].long()] = True
+        can_end |= has_eos_child | is_eos
+        eos_count = trie.path_sums(is_eos.double())
+        can_end &= eos_count - is_eos.double() == 0  # no EOS above the item's own node
+    return (~can_end[trie.item_node.long()]).nonzero().flatten()
 
 
 class TrieLogitsProcessor:
@@ -54,16 +59,31 @@ class TrieLogitsProcessor:
     from, or sample, the guided distribution renormalised over the trie's children at each step.
 
     Args:
-        trie: the catalog trie, on the device the model generates on.
-        prompt_length: the (padded) prompt length of the ``generate`` call.
-        eos_token_id: allowed (alone) once an item is complete, so that sequences end.
+        trie: the catalog trie, on the device the model generates on. Build it from each item's
+            tokens followed by the EOS token (``Trie.from_sequences([s + [eos] for s in
+            items])``) so that items that are prefixes of others can end; a warning names the
+            items that ``generate`` could never produce (:func:`ungeneratable_items`).
+        prompt_length: the (padded) prompt width of the ``generate`` call, ``input_ids.shape[1]``:
+            the trie state of a row is read from its tokens after it. Each ``generate`` call
+            starts from it (the first ``input_ids`` the processor sees, and any that is not
+            longer than the previous one, must have this width; ``ValueError`` otherwise).
+        eos_token_id: the token ``generate`` stops on. It is the only token allowed on a
+            finished row (its item is complete: a node without children; or it left the trie),
+            so that the row ends, and rows that already ended (padded by ``generate``) keep a
+            finite score. With None a finished row is all -inf: ``generate``'s sampling then
+            fails ("probability tensor contains inf, nan") and greedy and beam search run on
+            past the item; only callers that stop each row themselves may pass None.
         log_flows: flows of the guidance prior, on the trie's device (None: no guidance).
         beta: strength of the guidance.
+
+    Use ``max_new_tokens=trie.depth`` in ``generate`` (with EOS in the trie: every item and its
+    EOS); fewer tokens leave the longer items incomplete.
 
     Example::
 
         processor = TrieLogitsProcessor(trie, inputs["input_ids"].shape[1], tokenizer.eos_token_id)
-        model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), num_beams=10)
+        model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), num_beams=10,
+                       max_new_tokens=trie.depth)
     """
 
     def __init__(
@@ -82,6 +102,17 @@ class TrieLogitsProcessor:
         self.eos_token_id = eos_token_id
         self.log_flows = log_flows
         self.beta = beta
+        self._last_width: int | None = None
+        lost = ungeneratable_items(trie, eos_token_id)
+        if lost.numel():
+            warnings.warn(
+                f"TrieLogitsProcessor: {lost.numel()} of the trie's {trie.num_items} items can "
+                f"never be generated with eos_token_id={eos_token_id} (items {lost[:5].tolist()}"
+                f"{', ...' if lost.numel() > 5 else ''}): they end where other items continue "
+                "and the trie has no EOS there, or hold EOS inside; build the trie from each "
+                "item's tokens followed by EOS",
+                stacklevel=2,
+            )
 
     def current_nodes(self, input_ids: Tensor) -> Tensor:
         """``[B]`` trie node of each row after its generated tokens (-1 once it left the trie)."""
@@ -90,13 +121,23 @@ class TrieLogitsProcessor:
             return torch.zeros(input_ids.shape[0], dtype=torch.int32, device=input_ids.device)
         return self.trie.walk(generated)[:, -1]
 
+    def _check_width(self, width: int) -> None:
+        # Within one generate call the width grows by one token per step, so a width that does
+        # not exceed the last one seen starts a call, which must be at the prompt's end.
+        starts = self._last_width is None or width <= self._last_width
+        if starts and width != self.prompt_length:
+            raise ValueError(
+                f"TrieLogitsProcessor: prompt_length is {self.prompt_length} but generate "
+                f"started from input_ids of {width} tokens; pass the padded prompt width, "
+                "input_ids.shape[1] of the generate call"
+            )
+        self._last_width = width
+
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._check_width(input_ids.shape[1])
         nodes = self.current_nodes(input_ids)
         if self.log_flows is None:
-            bitmask = allowed_token_bitmask(self.trie, nodes, scores.shape[-1], self.eos_token_id)
-            masked = scores.clone()
-            ops.apply_token_bitmask_(masked, bitmask)
-            return masked
+            return self.trie.mask_logits_(scores.clone(), nodes, finished_token=self.eos_token_id)
         guided = self.trie.guide_logits_(scores.clone(), nodes, self.log_flows, self.beta)
         if self.eos_token_id is not None:
             # EOS ends a complete item (or a row that left the trie); it carries no guidance.

@@ -330,21 +330,41 @@ def _check_node_rows(op, trie_data, layout, node_ids) -> None:
     _check(node_ids.dim() == 1, op, f"node_ids must be 1-D, got shape {tuple(node_ids.shape)}")
 
 
-def _check_token_bitmask(trie_data, layout, node_ids, vocab_size) -> None:
-    _check_node_rows("token_bitmask", trie_data, layout, node_ids)
-    _check(vocab_size > 0, "token_bitmask", f"vocab_size must be positive, got {vocab_size}")
+def _check_finished_token(op: str, finished_token: int | None, vocab_size: int) -> None:
+    _check(
+        finished_token is None or 0 <= finished_token < vocab_size,
+        op,
+        f"finished_token {finished_token} is outside the vocabulary [0, {vocab_size})",
+    )
+
+
+def _check_token_bitmask(trie_data, layout, node_ids, vocab_size, finished_token) -> None:
+    op = "token_bitmask"
+    _check_node_rows(op, trie_data, layout, node_ids)
+    _check(vocab_size > 0, op, f"vocab_size must be positive, got {vocab_size}")
+    _check_finished_token(op, finished_token, vocab_size)
 
 
 @torch.library.custom_op("flower_ext::token_bitmask", mutates_args=(), device_types=("cpu", "cuda"))
-def token_bitmask(trie_data: Tensor, layout: list[int], node_ids: Tensor, vocab_size: int) -> Tensor:
+def token_bitmask(
+    trie_data: Tensor,
+    layout: list[int],
+    node_ids: Tensor,
+    vocab_size: int,
+    finished_token: int | None = None,
+) -> Tensor:
     """Allowed-token bitmask ``[B, ceil(V / 32)]`` int32 in the xgrammar / vLLM layout: bit j of
-    word w is token 32 w + j, set when that token is a child of the row's node. Rows whose node
-    id is -1 allow nothing."""
-    _check_token_bitmask(trie_data, layout, node_ids, vocab_size)
-    return _token_bitmask(trie_data, layout, node_ids.contiguous(), vocab_size)
+    word w is token 32 w + j, set when that token is a child of the row's node. A finished row
+    (its node has no children: a complete item; or its node id is -1: it left the trie) allows
+    ``finished_token`` alone (e.g. EOS or pad, so that the row can end or idle), or nothing when
+    it is None."""
+    _check_token_bitmask(trie_data, layout, node_ids, vocab_size, finished_token)
+    return _token_bitmask(trie_data, layout, node_ids.contiguous(), vocab_size, finished_token)
 
 
-def _token_bitmask(trie_data, layout, node_ids, vocab_size, op="token_bitmask") -> Tensor:
+def _token_bitmask(
+    trie_data, layout, node_ids, vocab_size, finished_token, op="token_bitmask"
+) -> Tensor:
     words = bitmask_words(vocab_size)
     bitmask = torch.empty((node_ids.shape[0], words), dtype=torch.int32, device=node_ids.device)
     status = _new_status(node_ids.device)
@@ -353,12 +373,32 @@ def _token_bitmask(trie_data, layout, node_ids, vocab_size, op="token_bitmask") 
         node_ids.shape[0], vocab_size, bitmask.data_ptr(), status.data_ptr(),
     )
     _raise_on_status(op, status)
+    if finished_token is not None:
+        _allow_on_finished_rows(trie_data, layout, node_ids, bitmask, finished_token)
     return bitmask
 
 
+def _as_int32_bit(position: int) -> int:
+    """The int32 value whose only set bit is ``position`` (bit 31 is the sign bit)."""
+    bit = 1 << position
+    return bit - (1 << 32) if bit >= 1 << 31 else bit
+
+
+def _allow_on_finished_rows(trie_data, layout, node_ids, bitmask, token) -> None:
+    """Sets ``token``'s bit in the rows whose node has no children or is -1. The kernel has
+    validated the node ids already; the child counts are read from the packed ``child_ptr``."""
+    num_nodes = trie_sizes(layout)[0]
+    child_ptr = trie_data[2 * num_nodes : 3 * num_nodes + 1]
+    nodes = node_ids.long()
+    safe = nodes.clamp(min=0)
+    finished = (nodes < 0) | (child_ptr[safe + 1] == child_ptr[safe])
+    word = bitmask[:, token // 32]
+    word |= torch.where(finished, _as_int32_bit(token % 32), 0).to(torch.int32)
+
+
 @token_bitmask.register_fake
-def _(trie_data, layout, node_ids, vocab_size):
-    _check_token_bitmask(trie_data, layout, node_ids, vocab_size)
+def _(trie_data, layout, node_ids, vocab_size, finished_token=None):
+    _check_token_bitmask(trie_data, layout, node_ids, vocab_size, finished_token)
     return node_ids.new_empty((node_ids.shape[0], bitmask_words(vocab_size)), dtype=torch.int32)
 
 
@@ -426,28 +466,37 @@ def _(logits, bitmask):
     _check_apply(logits, bitmask)
 
 
-def _check_mask_logits(trie_data, layout, logits, node_ids) -> None:
+def _check_mask_logits(trie_data, layout, logits, node_ids, finished_token) -> None:
     op = "mask_logits_"
     _check_node_rows(op, trie_data, layout, node_ids)
     _check_device(op, trie_data, logits=logits)
     _check_logits(op, logits, node_ids.shape[0])
+    _check_finished_token(op, finished_token, logits.shape[1])
 
 
 @torch.library.custom_op(
     "flower_ext::mask_logits_", mutates_args=("logits",), device_types=("cpu", "cuda")
 )
-def mask_logits_(trie_data: Tensor, layout: list[int], logits: Tensor, node_ids: Tensor) -> None:
-    """Sets every logit that is not a child token of the row's node to -inf, in place."""
-    _check_mask_logits(trie_data, layout, logits, node_ids)
+def mask_logits_(
+    trie_data: Tensor,
+    layout: list[int],
+    logits: Tensor,
+    node_ids: Tensor,
+    finished_token: int | None = None,
+) -> None:
+    """Sets every logit that is not a child token of the row's node to -inf, in place. A
+    finished row (a node without children, or -1) keeps ``finished_token``'s logit alone, or
+    none when it is None (the row is all -inf)."""
+    _check_mask_logits(trie_data, layout, logits, node_ids, finished_token)
     bitmask = _token_bitmask(
-        trie_data, layout, node_ids.contiguous(), logits.shape[1], op="mask_logits_"
+        trie_data, layout, node_ids.contiguous(), logits.shape[1], finished_token, op="mask_logits_"
     )
     _apply_token_bitmask(logits, bitmask)
 
 
 @mask_logits_.register_fake
-def _(trie_data, layout, logits, node_ids):
-    _check_mask_logits(trie_data, layout, logits, node_ids)
+def _(trie_data, layout, logits, node_ids, finished_token=None):
+    _check_mask_logits(trie_data, layout, logits, node_ids, finished_token)
 
 
 # ---------------------------------------------------------------------------------------------

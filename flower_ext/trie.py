@@ -295,14 +295,22 @@ class Trie:
         """The child of each node reached by each token; -1 where there is none."""
         return ops.advance(self.data, self.layout, node_ids, tokens)
 
-    def token_bitmask(self, node_ids: Tensor, vocab_size: int) -> Tensor:
-        """``[B, ceil(V / 32)]`` int32 allowed-token bitmask in the xgrammar / vLLM layout."""
-        return ops.token_bitmask(self.data, self.layout, node_ids, vocab_size)
+    def token_bitmask(
+        self, node_ids: Tensor, vocab_size: int, finished_token: int | None = None
+    ) -> Tensor:
+        """``[B, ceil(V / 32)]`` int32 allowed-token bitmask in the xgrammar / vLLM layout: the
+        children of each row's node. A finished row (a node without children, or -1) allows
+        ``finished_token`` alone (e.g. EOS or pad), or nothing when it is None."""
+        return ops.token_bitmask(self.data, self.layout, node_ids, vocab_size, finished_token)
 
-    def mask_logits_(self, logits: Tensor, node_ids: Tensor) -> Tensor:
+    def mask_logits_(
+        self, logits: Tensor, node_ids: Tensor, finished_token: int | None = None
+    ) -> Tensor:
         """Sets, in place, every logit that is not a child of the row's node to -inf; returns
-        ``logits``."""
-        ops.mask_logits_(self.data, self.layout, logits, node_ids)
+        ``logits``. A finished row (a node without children, or -1) keeps ``finished_token``
+        alone (e.g. EOS or pad, so that sampling over the whole batch stays finite), or is all
+        -inf when it is None."""
+        ops.mask_logits_(self.data, self.layout, logits, node_ids, finished_token)
         return logits
 
     def children(self, node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:

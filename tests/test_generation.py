@@ -8,10 +8,11 @@ a fixed seed: no download.
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
-from flower_ext import Trie
+from flower_ext import Trie, ops
 from flower_ext.generation import TrieLogitsProcessor, allowed_token_bitmask
 from torch import Tensor
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
@@ -150,7 +151,9 @@ def test_processor_does_not_modify_scores_in_place(trie, catalog):
     scores = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5))
     original = scores.clone()
 
-    masked = TrieLogitsProcessor(trie, prompt_length, EOS)(input_ids, scores)
+    processor = TrieLogitsProcessor(trie, prompt_length, EOS)
+    processor(input_ids[:, :prompt_length], scores)  # generate's first call: the prompt alone
+    masked = processor(input_ids, scores)
 
     assert torch.equal(scores, original)
     kept = masked.isfinite()
@@ -182,3 +185,100 @@ def test_allowed_token_bitmask_allows_only_eos_after_an_item(trie, eos_token_id)
     assert torch.equal(unpack_bitmask(bitmask, VOCAB), expected)
     # Without an EOS id, a finished row allows nothing.
     assert torch.equal(unpack_bitmask(allowed_token_bitmask(trie, nodes, VOCAB), VOCAB), children)
+
+
+# -- finished rows ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("finished_token", [PAD, 31, EOS])
+def test_mask_logits_keeps_only_the_finished_token_on_finished_rows(trie, finished_token):
+    """A finished row (at a leaf, or -1) keeps the finished token's logit alone, so that
+    sampling over the whole batch stays finite; the other rows are masked as without it."""
+    nodes = node_rows(trie, random.Random(finished_token), count=20)
+    finished = (nodes == -1) | torch.isin(nodes, leaf_nodes(trie))
+    logits = torch.randn(len(nodes), VOCAB, generator=torch.Generator().manual_seed(6))
+    plain = trie.mask_logits_(logits.clone(), nodes)
+    assert not plain[finished].isfinite().any()
+
+    masked = trie.mask_logits_(logits.clone(), nodes, finished_token=finished_token)
+    assert torch.equal(masked[~finished], plain[~finished])
+    assert masked[finished].isfinite().nonzero()[:, 1].unique().tolist() == [finished_token]
+    assert torch.equal(masked[finished, finished_token], logits[finished, finished_token])
+    assert torch.multinomial(masked.softmax(-1), 1)[finished].eq(finished_token).all()
+    bitmask = trie.token_bitmask(nodes, VOCAB, finished_token=finished_token)
+    assert torch.equal(unpack_bitmask(bitmask, VOCAB), masked.isfinite())
+
+
+def test_finished_token_is_checked_and_the_ops_pass_opcheck(trie):
+    nodes = node_rows(trie, random.Random(7), count=5)
+    with pytest.raises(ValueError, match=r"finished_token 300 is outside the vocabulary \[0, 300\)"):
+        trie.mask_logits_(torch.zeros(len(nodes), VOCAB), nodes, finished_token=VOCAB)
+    with pytest.raises(ValueError, match=r"finished_token -1 is outside the vocabulary"):
+        trie.token_bitmask(nodes, VOCAB, finished_token=-1)
+    logits = torch.randn(len(nodes), VOCAB)
+    torch.library.opcheck(ops.mask_logits_, (trie.data, trie.layout, logits, nodes, EOS))
+    torch.library.opcheck(ops.token_bitmask, (trie.data, trie.layout, nodes, VOCAB, EOS))
+
+
+# -- the processor's checks --------------------------------------------------------------------
+
+
+def test_processor_rejects_a_prompt_length_that_is_not_the_prompt_width(model, trie):
+    """A prompt_length off the padded prompt width would read prompt tokens as generated ones
+    (or generated ones as prompt): the first call of every generate says so."""
+    prompts = random_prompts(2, 6, seed=8)
+    for wrong in (5, 7):
+        processor = TrieLogitsProcessor(trie, wrong, EOS)
+        with pytest.raises(ValueError, match=f"prompt_length is {wrong} but generate started "
+                                             "from input_ids of 6 tokens"):
+            model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=2,
+                           pad_token_id=PAD, eos_token_id=EOS,
+                           logits_processor=LogitsProcessorList([processor]))
+    # One processor serves several generate calls with prompts of its width.
+    processor = TrieLogitsProcessor(trie, 6, EOS)
+    for seed in (9, 10):
+        prompts = random_prompts(2, 6, seed=seed)
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3,
+                       pad_token_id=PAD, eos_token_id=EOS,
+                       logits_processor=LogitsProcessorList([processor]))
+
+
+def test_processor_warns_about_items_it_can_never_generate():
+    """Items 0 (1 2) and 2 (1 2 3 4) are prefixes of others: without EOS in the trie they
+    cannot end; with each item followed by EOS every item can. An item with EOS inside is cut
+    short at it."""
+    items = [[1, 2], [1, 2, 3], [1, 2, 3, 4], [5]]
+    with pytest.warns(UserWarning, match=r"2 of the trie's 4 items can never be generated "
+                                         rf"with eos_token_id={EOS} \(items \[0, 1\]\)"):
+        TrieLogitsProcessor(Trie.from_sequences(items), 3, EOS)
+    with pytest.warns(UserWarning, match=r"items \[0, 1\]"):
+        TrieLogitsProcessor(Trie.from_sequences(items), 3, None)
+    with pytest.warns(UserWarning, match=r"1 of the trie's 2 items .* \(items \[1\]\)"):
+        TrieLogitsProcessor(Trie.from_sequences([[1, EOS], [1, EOS, 2, EOS]]), 3, EOS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrieLogitsProcessor(Trie.from_sequences([s + [EOS] for s in items]), 3, EOS)
+
+
+def test_generate_produces_items_that_are_prefixes_of_others(model):
+    """With EOS as every item's last trie token, greedy, sampling and beam search produce only
+    items, and the items that other items continue are among the beams."""
+    items = [[20, 21], [20, 21, 22], [20, 21, 22, 23], [24], [24, 25]]
+    trie = Trie.from_sequences([s + [EOS] for s in items])
+    prompts = random_prompts(2, 5, seed=11)
+    beams = len(items)
+    for options in (
+        {"do_sample": False},
+        {"do_sample": True},
+        {"do_sample": False, "num_beams": beams, "num_return_sequences": beams},
+    ):
+        processor = TrieLogitsProcessor(trie, prompts.shape[1], EOS)
+        with torch.no_grad():
+            sequences = model.generate(
+                prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=trie.depth,
+                pad_token_id=PAD, eos_token_id=EOS, top_k=None,
+                logits_processor=LogitsProcessorList([processor]), **options,
+            )
+        generated = decoded_items(sequences[:, prompts.shape[1] :])
+        assert_all_in_catalog(generated, items)
+    assert set(generated[:beams]) == {tuple(item) for item in items}
