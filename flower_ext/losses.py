@@ -2,17 +2,24 @@
 
 Conventions shared by every function here, for a batch of B trajectories over the catalog trie:
 
-- A trajectory is ``y_1 .. y_T`` followed by the termination token (the newline that ends every
-  item sequence). Its states are the prefixes ``s_0 .. s_T`` (``s_0`` the empty prefix), so a
-  batch holds ``states [B, T+1]`` and ``actions [B, T]``, right-padded, with ``lengths [B]`` = T
-  of each row (the number of title tokens, the termination token excluded).
+- The trie holds every item's tokens followed by the termination token, the token that ends
+  an item (``Trie.from_sequences([s + [eos] for s in items])`` with EOS, as the bundled trainer
+  does).
+- A trajectory is ``y_1 .. y_T`` followed by the termination token. Its states are the prefixes
+  ``s_0 .. s_T`` (``s_0`` the empty prefix), so a batch holds ``states [B, T+1]`` and
+  ``actions [B, T]``, right-padded, with ``lengths [B]`` = T of each row (the number of the
+  item's tokens, the termination token excluded: it is not an action).
 - ``logits [B, T+1, V]`` are the model's next-token logits at each state (at position k the
-  logits that score ``y_{k+1}``, or the termination token at ``s_T``). Log-probabilities are the
-  full-vocabulary log-softmax, unmasked, as in the method.
-- ``path_nodes [B, T+1]`` are the trie nodes of the states: ``[0, *trie.walk(actions)]``, -1
-  on padding.
+  logits that score ``y_{k+1}``, or the termination token at ``s_T``), computed with gradient
+  by a teacher-forced forward over prompt and trajectory (``flower_rec.loop.state_logits``), not
+  the rollout's masked, gradient-free ones. Log-probabilities are the full-vocabulary
+  log-softmax, unmasked, as in the method.
+- ``path_nodes [B, T+1]`` are the trie nodes of the states, the root first and -1 on padding:
+  :func:`path_nodes`.
 
-Everything is batched over samples and tokens; no Python loop runs over either.
+Everything is batched over samples and tokens; no Python loop runs over either. Arguments that
+break these conventions raise ``ValueError`` naming the argument (the checks of values, which
+read the tensors, are skipped while ``torch.compile`` traces).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from .trie import Trie
 
 __all__ = [
     "sft_loss",
+    "path_nodes",
     "state_log_rewards",
     "subtb_loss_from_log_probs",
     "subtb_loss",
@@ -50,24 +58,66 @@ def _working_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _check_batch(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+def _check_batch(
+    name: str, tensor: Tensor, shape: tuple[int, ...], source: str, source_shape
+) -> None:
+    """``tensor`` (argument ``name``) has ``shape``, which argument ``source`` implies."""
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        raise ValueError(
+            f"{name} must have shape {shape} for {source} of shape {tuple(source_shape)}, "
+            f"got {tuple(tensor.shape)}"
+        )
+
+
+def _checking_values() -> bool:
+    # Checks that read tensor values would break a torch.compile graph; they run eagerly only.
+    return not torch.compiler.is_compiling()
+
+
+def _check_lengths(lengths: Tensor, num_actions: int, source: str) -> None:
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if _checking_values() and lengths.numel() and not (
+        (lengths >= 0) & (lengths <= num_actions)
+    ).all():
+        raise ValueError(
+            f"lengths must lie in [0, {num_actions}] (T of {source}), got values in "
+            f"[{int(lengths.min())}, {int(lengths.max())}]"
+        )
 
 
 def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Token-mean cross-entropy of ``labels [..., L]`` under ``logits [..., L, V]``, aligned
-    (position t of the logits scores label t); ``ignore_index`` masks prompt and padding."""
+    """Token-mean cross-entropy in the transformers convention (``model(input_ids,
+    labels=labels).loss``): ``logits [..., L, V]`` of a sequence and ``labels [..., L]``, its
+    tokens with ``ignore_index`` where nothing is scored (prompt, padding); the logits at
+    position t score label t + 1 (the shift happens here: pass both unshifted)."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must agree but for "
             "the vocabulary dimension"
         )
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).to(_working_dtype(logits)),
-        labels.reshape(-1),
+        logits[..., :-1, :].reshape(-1, logits.shape[-1]).to(_working_dtype(logits)),
+        labels[..., 1:].reshape(-1),
         ignore_index=ignore_index,
     )
+
+
+def path_nodes(trie: Trie, actions: Tensor, lengths: Tensor) -> Tensor:
+    """The trie nodes of the states of trajectories ``actions [B, T]`` (``lengths [B]`` tokens
+    each): ``[B, T+1]`` int32, the root (node 0) first, -1 past each row's length. Raises when
+    an action within a row's length leaves the trie (its state would have no node)."""
+    _check_lengths(lengths, actions.shape[1], "actions")
+    nodes = trie.walk(actions, lengths)
+    path = torch.cat([torch.zeros_like(nodes[:, :1]), nodes], dim=1)
+    off_trie = _state_mask(lengths, path.shape[1]) & (path < 0)
+    if _checking_values() and off_trie.any():
+        row, state = (int(i) for i in off_trie.nonzero()[0])
+        raise ValueError(
+            f"actions leave the trie: token {int(actions[row, state - 1])} at step {state - 1} "
+            f"of row {row} (length {int(lengths[row])}) is not a child of its state"
+        )
+    return path
 
 
 def state_log_rewards(
@@ -77,7 +127,7 @@ def state_log_rewards(
     termination_token: int,
     incomplete_log_reward: float = INCOMPLETE_LOG_REWARD,
 ) -> Tensor:
-    """Per-state log-rewards ``log R(s_k ⊤)`` ``[B, T+1]`` of the method (section 3, step 3).
+    """Per-state log-rewards ``log R(s_k ⊤)`` ``[B, T+1]`` (docs/method.md section 3, step 3).
 
     ``log R(s_k ⊤) = sum_{t<k} log P̂(y_{t+1} | s_t) + c_k`` with ``c_k = log P̂(⊤ | s_k)`` when
     ``s_k`` is a complete title (its termination child has a positive flow) and
@@ -86,8 +136,13 @@ def state_log_rewards(
     subtree whose items all have zero reward) gets -1e4 instead of -inf, so that the squared
     residuals of the losses stay finite. Carries no gradient to the model; it is differentiable
     with respect to ``log_flows``.
+
+    ``path_nodes`` must start at the root (:func:`path_nodes` builds them), and the trie's items
+    must end with ``termination_token``; ``ValueError`` otherwise.
     """
     step, termination = trie.transition_log_probs(log_flows, path_nodes, termination_token)
+    if _checking_values():
+        _check_path(trie, path_nodes, termination_token)
     # Sum of the step log-probabilities before each state; the [B, 1] zeros come from
     # `termination` because `step` has no column to copy when every path is the root alone.
     prefix = torch.cat([torch.zeros_like(termination[:, :1]), torch.cumsum(step, dim=1)], dim=1)
@@ -95,6 +150,21 @@ def state_log_rewards(
         torch.isfinite(termination), termination, torch.full_like(termination, incomplete_log_reward)
     )
     return (prefix + ending).clamp(min=_LOG_REWARD_FLOOR)
+
+
+def _check_path(trie: Trie, path: Tensor, termination_token: int) -> None:
+    if path.numel() and (path[:, 0] != 0).any():
+        raise ValueError(
+            "path_nodes must start at the root (node 0) in every row: the states are s_0 .. s_T "
+            "and s_0 is the empty prefix; build them with losses.path_nodes(trie, actions, lengths)"
+        )
+    unterminated = trie.is_leaf & (trie.token != termination_token)
+    if unterminated.any():
+        raise ValueError(
+            f"termination_token {termination_token} does not end {int(unterminated.sum())} of "
+            "the trie's items (leaves reached by another token), so their states would never be "
+            "complete; build the trie from each item's tokens followed by the termination token"
+        )
 
 
 def subtb_loss_from_log_probs(
@@ -117,10 +187,14 @@ def subtb_loss_from_log_probs(
     row the pair sum is ``n`` times the sum of squared deviations of H from its mean, computed
     centred in float32 (float64 for float64 inputs).
     """
+    if log_rewards.dim() != 2:
+        raise ValueError(f"log_rewards must have shape [B, T+1], got {tuple(log_rewards.shape)}")
     batch, num_states = log_rewards.shape
-    _check_batch("action_log_probs", action_log_probs, (batch, num_states - 1))
-    _check_batch("termination_log_probs", termination_log_probs, (batch, num_states))
-    _check_batch("lengths", lengths, (batch,))
+    source = ("log_rewards", log_rewards.shape)
+    _check_batch("action_log_probs", action_log_probs, (batch, num_states - 1), *source)
+    _check_batch("termination_log_probs", termination_log_probs, (batch, num_states), *source)
+    _check_batch("lengths", lengths, (batch,), *source)
+    _check_lengths(lengths, num_states - 1, "log_rewards")
     dtype = _working_dtype(action_log_probs)
     mask = _state_mask(lengths, num_states)
     actions = torch.where(mask[:, 1:], action_log_probs.to(dtype), 0.0)
@@ -143,12 +217,26 @@ def subtb_loss(
     termination_token: int,
 ) -> Tensor:
     """:func:`subtb_loss_from_log_probs` from the model's logits ``[B, T+1, V]`` at the states of
-    sampled trajectories ``actions [B, T]`` (padding may hold any id; it is masked)."""
+    sampled trajectories ``actions [B, T]`` (padding may hold any id; it is masked), with
+    ``log_rewards [B, T+1]`` from :func:`state_log_rewards`. The termination token is not an
+    action: the logits of every state score it."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, T+1, V], got {tuple(logits.shape)}")
     batch, num_states, vocab = logits.shape
-    _check_batch("actions", actions, (batch, num_states - 1))
+    source = ("logits", logits.shape)
+    _check_batch("actions", actions, (batch, num_states - 1), *source)
+    _check_batch("log_rewards", log_rewards, (batch, num_states), *source)
+    _check_batch("lengths", lengths, (batch,), *source)
+    _check_lengths(lengths, num_states - 1, "logits")
     if not 0 <= termination_token < vocab:
         raise ValueError(f"termination_token {termination_token} is outside the vocabulary [0, {vocab})")
-    safe_actions = torch.where(_state_mask(lengths, num_states)[:, 1:], actions, 0).long()
+    taken = _state_mask(lengths, num_states)[:, 1:]
+    if _checking_values() and (taken & (actions == termination_token)).any():
+        raise ValueError(
+            f"actions hold the termination token {termination_token} within lengths: lengths "
+            "count an item's tokens before it, and the logits at the last state score it"
+        )
+    safe_actions = torch.where(taken, actions, 0).long()
     scores = logits.to(_working_dtype(logits))
     log_z = torch.logsumexp(scores, dim=-1)
     action_log_probs = scores[:, :-1].gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1) - log_z[:, :-1]
@@ -170,7 +258,7 @@ def flow_matching_loss(
         path_nodes: ``[B, S]`` trie nodes of the states, -1 on padding.
     """
     batch, num_states, vocab = logits.shape
-    _check_batch("path_nodes", path_nodes, (batch, num_states))
+    _check_batch("path_nodes", path_nodes, (batch, num_states), "logits", logits.shape)
     nodes = path_nodes.reshape(-1)
     row_ptr, child_tokens, child_nodes = trie.children(nodes)
     counts = row_ptr.diff()

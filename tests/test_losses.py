@@ -124,25 +124,23 @@ def test_subtb_without_pairs_is_zero():
 
 @st.composite
 def sampled_logits(draw, dtype=torch.float64, vocab_size: int = 11):
-    """``(logits [B, T+1, V], actions [B, T], lengths [B], termination_token)``; padding actions
-    hold arbitrary (even out-of-vocabulary) ids that the loss must mask."""
+    """``(logits [B, T+1, V], actions [B, T], lengths [B], termination_token)``; actions are
+    any token but the termination token, and padding actions hold arbitrary (even
+    out-of-vocabulary) ids that the loss must mask."""
     batch, num_actions = draw(st.integers(0, 5)), draw(st.integers(0, 8))
     seed = draw(SEEDS)
+    termination_token = draw(st.integers(0, vocab_size - 1))
     logits = seeded(seed, (batch, num_actions + 1, vocab_size), dtype)
     actions = torch.randint(
-        0, vocab_size, (batch, num_actions), generator=torch.Generator().manual_seed(seed)
+        0, vocab_size - 1, (batch, num_actions), generator=torch.Generator().manual_seed(seed)
     )
+    actions += actions >= termination_token  # skips the termination token
     lengths = torch.tensor(
         draw(st.lists(st.integers(0, num_actions), min_size=batch, max_size=batch)),
         dtype=torch.int64,
     )
     padding = torch.arange(num_actions).unsqueeze(0) >= lengths.unsqueeze(1)
-    return (
-        logits,
-        actions.masked_fill(padding, 10**6),
-        lengths,
-        draw(st.integers(0, vocab_size - 1)),
-    )
+    return logits, actions.masked_fill(padding, 10**6), lengths, termination_token
 
 
 @given(dtype=LOGIT_DTYPES, data=st.data())
@@ -169,7 +167,7 @@ def test_subtb_loss_gradcheck():
 def _fixed_logits():
     """Three trajectories of 4, 2 and 0 actions over a vocabulary of 7; termination token 6."""
     logits = seeded(4, (3, 5, 7))
-    actions = torch.tensor([[1, 2, 3, 4], [0, 6, 9, 9], [9, 9, 9, 9]])
+    actions = torch.tensor([[1, 2, 3, 4], [0, 5, 9, 9], [9, 9, 9, 9]])
     return logits, actions, torch.tensor([4, 2, 0]), 6
 
 
@@ -325,16 +323,128 @@ def test_flow_matching_and_state_rewards_compile():
 # SFT and the combination
 
 
-def test_sft_loss_is_token_mean_cross_entropy():
+def test_sft_loss_is_token_mean_cross_entropy_of_the_next_token():
+    """Transformers-style inputs, unshifted: the logits at position t score label t + 1."""
     logits = seeded(10, (2, 4, 6))
-    labels = torch.tensor([[-100, 2, 5, -100], [0, 1, -100, -100]])
-    kept = labels != -100
-    log_probs = logits.log_softmax(-1)[kept]
-    expected = -log_probs.gather(1, labels[kept].unsqueeze(1)).mean()
+    labels = torch.tensor([[-100, 2, 5, -100], [0, 1, -100, 3]])
+    scored = labels[:, 1:]
+    kept = scored != -100
+    log_probs = logits[:, :-1].log_softmax(-1)[kept]
+    expected = -log_probs.gather(1, scored[kept].unsqueeze(1)).mean()
     torch.testing.assert_close(losses.sft_loss(logits, labels), expected)
+
+
+def test_sft_loss_equals_transformers_loss():
+    """A transformers causal LM's own loss (``model(input_ids, labels=labels).loss``) on the
+    same logits and labels: prompt and padding masked with -100, right padding included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, pad_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    input_ids = torch.tensor([[5, 3, 7, 2, 9, 1], [4, 8, 2, 6, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 2, 9, 1], [-100, 8, 2, 6, -100, -100]])
+    output = model(input_ids, labels=labels)
+    torch.testing.assert_close(losses.sft_loss(output.logits, labels), output.loss)
 
 
 def test_flower_loss_is_convex_combination():
     sft, flow = torch.tensor(2.0), torch.tensor(10.0)
     assert losses.flower_loss(sft, flow, 0.75) == 0.75 * 2.0 + 0.25 * 10.0
     assert losses.flower_loss(sft, flow, 1.0) == sft
+
+
+# ---------------------------------------------------------------------------------------------
+# trajectories as the losses take them, and the arguments that break the conventions
+
+
+def _terminated_trajectories():
+    """The :func:`_terminated_sample` catalog, trajectories "a b" and "c e f", logits [2, 4, 7]
+    and the popularity flows; termination token 0."""
+    trie, _, termination_token = _terminated_sample()
+    actions, lengths = torch.tensor([[1, 2, 0], [3, 5, 6]]), torch.tensor([2, 3])
+    flows = trie.log_flows(seeded(11, (trie.num_items,)))
+    return trie, actions, lengths, flows, seeded(12, (2, 4, 7)), termination_token
+
+
+def test_path_nodes_are_the_root_then_the_walk():
+    trie, actions, lengths, *_ = _terminated_trajectories()
+    expected = torch.cat([torch.zeros(2, 1, dtype=torch.int32), trie.walk(actions, lengths)], 1)
+    assert torch.equal(losses.path_nodes(trie, actions, lengths), expected)
+    assert losses.path_nodes(trie, actions, lengths)[0, 3] == -1  # past row 0's length
+
+
+def test_an_action_off_the_trie_is_an_error():
+    """Token 4 does not follow "a": the state after it has no node, and -1 inside the length
+    would get the maximum reward."""
+    trie, _, lengths, *_ = _terminated_trajectories()
+    with pytest.raises(ValueError, match=r"actions leave the trie: token 4 at step 1 of row 0"):
+        losses.path_nodes(trie, torch.tensor([[1, 4, 0], [3, 5, 6]]), lengths)
+
+
+@pytest.mark.parametrize(
+    "lengths, problem",
+    [
+        (torch.tensor([2, 4]), r"lengths must lie in \[0, 3\] \(T of logits\), got values in \[2, 4\]"),
+        (torch.tensor([-1, 3]), r"lengths must lie in \[0, 3\]"),
+        (torch.tensor([2.0, 3.0]), r"lengths must be an integer tensor, got torch.float32"),
+    ],
+)
+def test_lengths_outside_the_trajectories_are_an_error(lengths, problem):
+    trie, actions, good_lengths, flows, logits, termination = _terminated_trajectories()
+    log_rewards = losses.state_log_rewards(
+        trie, flows, losses.path_nodes(trie, actions, good_lengths), termination
+    )
+    with pytest.raises(ValueError, match=problem):
+        losses.subtb_loss(logits, actions, log_rewards, lengths, termination)
+    log_probs = (torch.zeros(2, 3), torch.zeros(2, 4), log_rewards)
+    with pytest.raises(ValueError, match=problem.replace("logits", "log_rewards")):
+        losses.subtb_loss_from_log_probs(*log_probs, lengths)
+    with pytest.raises(ValueError, match=problem.replace("logits", "actions")):
+        losses.path_nodes(trie, actions, lengths)
+
+
+def test_the_termination_token_among_the_actions_is_an_error():
+    """Counting the termination token as an action (lengths 3 and 4 over "a b ⊤", "c e f ⊤")
+    would score it twice."""
+    trie, _, _, flows, _, termination = _terminated_trajectories()
+    actions, lengths = torch.tensor([[1, 2, 0, 0], [3, 5, 6, 0]]), torch.tensor([3, 4])
+    log_rewards = losses.state_log_rewards(
+        trie, flows, losses.path_nodes(trie, actions, lengths), termination
+    )
+    with pytest.raises(ValueError, match=r"actions hold the termination token 0 within lengths"):
+        losses.subtb_loss(seeded(13, (2, 5, 7)), actions, log_rewards, lengths, termination)
+
+
+def test_a_path_without_its_root_is_an_error():
+    trie, actions, lengths, flows, _, termination = _terminated_trajectories()
+    with pytest.raises(ValueError, match=r"path_nodes must start at the root \(node 0\)"):
+        losses.state_log_rewards(trie, flows, trie.walk(actions, lengths), termination)
+
+
+def test_a_termination_token_that_ends_no_item_is_an_error():
+    """With 7 as the termination token no state would ever be a complete item."""
+    trie, actions, lengths, flows, _, _ = _terminated_trajectories()
+    path = losses.path_nodes(trie, actions, lengths)
+    with pytest.raises(ValueError, match=r"termination_token 7 does not end 5 of the trie's items"):
+        losses.state_log_rewards(trie, flows, path, 7)
+
+
+def test_shapes_that_disagree_name_both_arguments():
+    trie, actions, lengths, flows, logits, termination = _terminated_trajectories()
+    log_rewards = losses.state_log_rewards(
+        trie, flows, losses.path_nodes(trie, actions, lengths), termination
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"log_rewards must have shape \(2, 4\) for logits of shape \(2, 4, 7\), got \(2, 3\)",
+    ):
+        losses.subtb_loss(logits, actions, log_rewards[:, :3], lengths, termination)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\) for logits of shape"):
+        losses.subtb_loss(logits, actions, log_rewards, lengths[:1], termination)
+    with pytest.raises(ValueError, match=r"logits must have shape \[B, T\+1, V\], got \(4, 7\)"):
+        losses.subtb_loss(logits[0], actions, log_rewards, lengths, termination)

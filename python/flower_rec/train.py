@@ -34,19 +34,22 @@ of the losses is EOS, as in decoding (beam search ends an item with EOS). A traj
 sequence ``y_1 .. y_T`` of one item, its states ``s_0 .. s_T``; ``log π(⊤ | s_k)`` is the
 model's EOS probability there.
 
-A training step of ``flower`` with the ``subtb`` flow loss (the paper's):
+A training step of ``flower`` with the ``subtb`` flow loss (the paper's), on the public helpers
+of :mod:`flower_rec.loop` that a hand-written loop uses too:
 
 1. rollout, without gradient: one trajectory per sample from the current model at temperature 1
-   over the KV cache, left-padded prompts with the attention mask, the logits masked to the
-   trie's children at each step (:class:`flower_rec.decoding.TrieDecoder`'s sampler);
-2. one teacher-forced forward with gradient over prompt, SFT target and trajectory together: the
-   target and the trajectory both follow the prompt, which is encoded once (a 4-D attention mask
-   lets each continuation see the prompt and itself only; attention implementations that take
-   no such mask run the two continuations as separate rows instead). Only the logits from the
-   last prompt position on are computed;
+   over the KV cache, left-padded prompts with the attention mask, the logits masked to the loss
+   trie's children at each step (:func:`flower_rec.loop.rollout`);
+2. one teacher-forced forward with gradient over prompt, SFT target (the item's tokens then EOS)
+   and trajectory together: the target and the trajectory both follow the prompt, which is
+   encoded once (a 4-D attention mask lets each continuation see the prompt and itself only;
+   attention implementations that take no such mask run the two continuations as separate rows
+   instead). Only the logits from the last prompt position on are computed
+   (:func:`flower_rec.loop.continuation_logits`);
 3. per-user flows: the item rewards of :mod:`flower_rec.rewards` (personalised per sample for
    ``logp_div_s`` / ``logp_add_logs``), aggregated by ``trie.log_flows`` in one batched call;
-4. ``theta * SFT + (1 - theta) * SubTB`` (flower_ext.losses).
+4. ``theta * SFT + (1 - theta) * SubTB`` (flower_ext.losses; SFT with transformers-style
+   labels, :func:`flower_rec.loop.continuation_labels`).
 
 ``flow_loss="flow_matching"`` replaces 1 and the trajectory by teacher-forced flow matching on
 the SFT target's path.
@@ -66,7 +69,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -86,8 +88,15 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .config_checks import BOOLEAN, PATH, Rule, integer, number, one_of, optional, shown
 from .data import Dataset, load_dataset
-from .decoding import Catalog, TrieDecoder
+from .decoding import Catalog
 from .files import atomic_files, atomic_open, check_whole, read_json, read_text, reading
+from .loop import (
+    _stacked_logits,
+    continuation_labels,
+    continuation_logits,
+    rollout,
+    with_termination,
+)
 from .prompts import DOMAINS, PromptCutoffError, build_prompt, encode, sample_prompts
 from .rewards import DEFAULT_FLOOR_COUNT, REWARD_VARIANTS, PopularityRewards
 
@@ -466,16 +475,6 @@ class LossTerms:
         return out
 
 
-def _unwrap(model):
-    """The module that runs a plain forward: without DDP / DataParallel, and for a peft model its
-    base model (which holds the injected LoRA layers)."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 def rollout_seed(seed: int, step: int | str, sample_index: Tensor) -> int:
     """Seed of one batch's rollouts, a function of the run's seed, the optimizer step and the
     samples alone, so that a resumed run (same step, same batches) draws the same trajectories
@@ -540,14 +539,7 @@ class FlowerObjective:
         self.loss_trie = Trie.from_sequences(
             [list(s) + [self.eos] for s in sequences], list(range(len(sequences)))
         )
-        width = max(map(len, sequences))
-        self.item_tokens = torch.full((len(sequences), width), self.eos, dtype=torch.long)
-        for item, sequence in enumerate(sequences):
-            self.item_tokens[item, : len(sequence)] = torch.tensor(sequence)
-        self.item_lengths = catalog.lengths.clone()
-        self.max_length = width
         self._device_state: dict[torch.device, dict[str, Any]] = {}
-        self._decoders: dict[int, TrieDecoder] = {}
 
     @property
     def personalised(self) -> bool:
@@ -560,14 +552,10 @@ class FlowerObjective:
         return self.method == "flower" and self.flow_loss == "subtb"
 
     def _on(self, device: torch.device) -> dict[str, Any]:
-        """The trie and item tables on ``device`` (moved once)."""
+        """The loss trie (and popularity-only flows) on ``device`` (moved once)."""
         state = self._device_state.get(device)
         if state is None:
-            state = {
-                "trie": self.loss_trie.to(device),
-                "item_tokens": self.item_tokens.to(device),
-                "item_lengths": self.item_lengths.to(device),
-            }
+            state = {"trie": self.loss_trie.to(device)}
             if self.method == "flower" and self.reward_variant == "logp":
                 # Popularity-only flows are the same for every user: computed once.
                 rewards = self.rewards.item_log_rewards("logp", device=device)
@@ -577,38 +565,15 @@ class FlowerObjective:
 
     # -- rollouts -------------------------------------------------------------------------
 
-    def _decoder(self, model) -> TrieDecoder:
-        decoder = self._decoders.get(id(model))
-        if decoder is None:
-            decoder = TrieDecoder(
-                model, self.tokenizer, self.catalog, eos_token_id=self.eos, progress=False
-            )
-            self._decoders[id(model)] = decoder
-        return decoder
-
-    @torch.no_grad()
     def rollout(
         self, model, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """One trajectory per prompt from the current model (temperature 1, trie-constrained,
-        KV cache, left padding with the attention mask; dropout off): ``(actions [B, T],
-        lengths [B])``, each row an item's token sequence (without EOS), padded with EOS."""
-        generating = _unwrap(model)
-        was_training = generating.training
-        generating.eval()
-        try:
-            decoder = self._decoder(generating)
-            leaves = decoder.sample_leaves(
-                input_ids, attention_mask, max_new_tokens=self.max_length, generator=generator
-            )
-        finally:
-            generating.train(was_training)
-        if bool((leaves < 0).any()):  # pragma: no cover - max_length covers every item
-            raise RuntimeError("a rollout did not reach a complete item")
-        state = self._on(input_ids.device)
-        items = self.catalog.node_item[leaves].to(input_ids.device)
-        lengths = state["item_lengths"][items]
-        return state["item_tokens"][items, : int(lengths.max())], lengths
+        """One trajectory per prompt from the current model over the loss trie
+        (:func:`flower_rec.loop.rollout`, temperature 1): ``(actions [B, T], lengths [B])``, each
+        row an item's token sequence (without EOS), padded with EOS."""
+        trie = self._on(input_ids.device)["trie"]
+        sample = rollout(model, input_ids, attention_mask, trie, self.eos, generator=generator)
+        return sample.actions, sample.lengths
 
     @staticmethod
     def _generator(model, seed: int) -> torch.Generator:
@@ -619,113 +584,11 @@ class FlowerObjective:
 
     # -- teacher forcing ------------------------------------------------------------------
 
-    def teacher_forced_logits(
-        self,
-        model,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        continuations: Sequence[tuple[Tensor, Tensor]],
-    ) -> list[Tensor]:
-        """The model's logits at the states of each continuation of the prompts, with gradient.
-
-        ``continuations``: ``(tokens [B, W_j], lengths [B])`` each, right-padded token sequences
-        that follow the (left-padded) prompts. Returns, per continuation, ``[B, 1 + W_j, V]``:
-        position 0 holds the logits after the prompt (state s_0, shared by all), position k
-        those after the continuation's first k tokens.
-
-        One forward computes them all: the continuations are laid side by side after the prompt
-        and a 4-D mask lets each see the prompt and its own earlier tokens, at the positions it
-        would have alone. Attention implementations that take no custom 4-D mask (flash
-        attention) get one row per (prompt, continuation) instead. Only the logits from the last
-        prompt position on are computed where the model supports ``logits_to_keep``.
-        """
-        base = _unwrap(model)
-        implementation = getattr(base.config, "_attn_implementation", None)
-        if len(continuations) > 1 and implementation not in ("sdpa", "eager"):
-            return self._stacked_logits(model, base, input_ids, attention_mask, continuations)
-        prompt_width = input_ids.shape[1]
-        device = input_ids.device
-        prompt_lengths = attention_mask.sum(1, keepdim=True)
-        tokens = [input_ids]
-        positions = [(attention_mask.cumsum(1) - 1).clamp(min=0)]
-        segments = [torch.zeros(prompt_width, dtype=torch.long, device=device)]
-        valid = [attention_mask.bool()]
-        for index, (block, lengths) in enumerate(continuations, start=1):
-            steps = torch.arange(block.shape[1], device=device)
-            tokens.append(block)
-            positions.append(prompt_lengths + steps)
-            segments.append(torch.full_like(steps, index))
-            valid.append(steps.unsqueeze(0) < lengths.unsqueeze(1))
-        tokens, positions = torch.cat(tokens, 1), torch.cat(positions, 1)
-        segment, valid = torch.cat(segments), torch.cat(valid, 1)
-        if len(continuations) == 1:
-            mask = valid.long()  # prompt then one continuation: the usual causal + padding mask
-        else:
-            mask = self._continuation_mask(segment, valid, implementation, base)
-        logits = self._forward(model, base, tokens, mask, positions, tokens.shape[1] - prompt_width + 1)
-        out, start = [], 1
-        for block, _ in continuations:
-            width = block.shape[1]
-            if start == 1:
-                out.append(logits[:, : 1 + width])
-            else:
-                out.append(torch.cat([logits[:, :1], logits[:, start : start + width]], dim=1))
-            start += width
-        return out
-
-    @staticmethod
-    def _continuation_mask(segment: Tensor, valid: Tensor, implementation: str, base) -> Tensor:
-        """``[B, 1, L, L]`` mask: a query sees earlier valid keys of the prompt (segment 0) and
-        of its own segment, and always itself (so no row is empty)."""
-        length = segment.shape[0]
-        index = torch.arange(length, device=segment.device)
-        causal = index.unsqueeze(1) >= index.unsqueeze(0)
-        same = (segment.unsqueeze(0) == 0) | (segment.unsqueeze(0) == segment.unsqueeze(1))
-        allowed = (causal & same).unsqueeze(0) & valid.unsqueeze(1)
-        allowed |= torch.eye(length, dtype=torch.bool, device=segment.device).unsqueeze(0)
-        allowed = allowed.unsqueeze(1)
-        if implementation == "sdpa":
-            return allowed  # boolean: scaled_dot_product_attention takes it in any dtype
-        # eager attention adds the mask to the scores
-        dtype = next(base.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min
-        )
-
-    def _stacked_logits(self, model, base, input_ids, attention_mask, continuations):
-        batch = input_ids.shape[0]
-        width = max(block.shape[1] for block, _ in continuations)
-        pad = self.eos
-        rows, masks = [], []
-        for block, lengths in continuations:
-            padded = torch.nn.functional.pad(block, (0, width - block.shape[1]), value=pad)
-            steps = torch.arange(width, device=block.device)
-            rows.append(torch.cat([input_ids, padded], 1))
-            masks.append(torch.cat([attention_mask, (steps < lengths.unsqueeze(1)).long()], 1))
-        mask = torch.cat(masks)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = self._forward(model, base, torch.cat(rows), mask, positions, width + 1)
-        return [
-            logits[j * batch : (j + 1) * batch, : 1 + block.shape[1]]
-            for j, (block, _) in enumerate(continuations)
-        ]
-
-    @staticmethod
-    def _forward(model, base, input_ids, attention_mask, position_ids, keep: int) -> Tensor:
-        """Logits of the last ``keep`` positions, ``[B, keep, V]``."""
-        kwargs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "use_cache": False,
-        }
-        parameters = inspect.signature(base.forward).parameters
-        keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in parameters), None)
-        if keep_arg is not None:
-            kwargs[keep_arg] = keep
-        logits = model(**kwargs).logits
-        return logits[:, -keep:]
+    # The model's logits at the states of each continuation of the prompts, with gradient, in
+    # one forward (:func:`flower_rec.loop.continuation_logits`); the stacked form is the one
+    # attention implementations without 4-D masks get.
+    teacher_forced_logits = staticmethod(continuation_logits)
+    _stacked_logits = staticmethod(_stacked_logits)
 
     # -- the loss -------------------------------------------------------------------------
 
@@ -759,42 +622,28 @@ class FlowerObjective:
         """The loss terms of a batch; ``seed`` seeds its rollouts, ``probabilities`` is the p_u
         source of its samples (by default the training one)."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        targets, target_lengths = inputs["target_ids"], inputs["target_lengths"]
         device = input_ids.device
-        continuations = [(targets, target_lengths)]
+        # SFT target: the item's tokens then EOS, which SFT scores too.
+        target = with_termination(inputs["target_ids"], inputs["target_lengths"], self.eos)
+        continuations = [target]
         if self.sampled:
-            generator = None if seed is None else self._generator(_unwrap(model), seed)
+            generator = None if seed is None else self._generator(model, seed)
             actions, lengths = self.rollout(model, input_ids, attention_mask, generator)
             continuations.append((actions, lengths))
         logits = self.teacher_forced_logits(model, input_ids, attention_mask, continuations)
-
-        # SFT: the target's tokens then EOS, scored from the last prompt position on.
-        steps = torch.arange(targets.shape[1] + 1, device=device)
-        labels = torch.cat([targets, targets[:, :1]], dim=1)
-        labels = torch.where(steps == target_lengths.unsqueeze(1), self.eos, labels)
-        labels = torch.where(steps <= target_lengths.unsqueeze(1), labels, -100)
-        sft = losses.sft_loss(logits[0], labels)
+        sft = losses.sft_loss(logits[0], continuation_labels(*target))
         if self.method == "sft":
             return LossTerms(sft, sft)
 
         trie = self._on(device)["trie"]
         flows = self.log_flows(inputs["sample_index"], device, probabilities)
         if self.sampled:
-            path = torch.cat(
-                [torch.zeros_like(lengths[:, None], dtype=torch.int32), trie.walk(actions, lengths)],
-                dim=1,
-            )
+            path = losses.path_nodes(trie, actions, lengths)
             log_rewards = losses.state_log_rewards(trie, flows, path, self.eos)
             flow = losses.subtb_loss(logits[1], actions, log_rewards, lengths, self.eos)
         else:
-            path = torch.cat(
-                [
-                    torch.zeros_like(target_lengths[:, None], dtype=torch.int32),
-                    trie.walk(targets, target_lengths),
-                ],
-                dim=1,
-            )
-            flow = losses.flow_matching_loss(logits[0], trie, flows, path)
+            # The target's states and the leaf after its EOS, which has no children to match.
+            flow = losses.flow_matching_loss(logits[0], trie, flows, losses.path_nodes(trie, *target))
         return LossTerms(losses.flower_loss(sft, flow, self.theta), sft, flow, self.flow_loss)
 
 
