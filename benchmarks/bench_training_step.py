@@ -327,8 +327,8 @@ def _path(loss_trie, replay: Replay) -> torch.Tensor:
 
 def ours_trie_part(objective, replay: Replay) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The trie ops of a Flower step on the replayed rollout: per rollout step the decoding
-    trie's ``mask_logits_`` and ``advance`` over the rows still generating (as
-    ``TrieDecoder.sample_leaves`` calls them), then the loss trie's ``walk``, ``log_flows`` of
+    trie's ``mask_logits_`` and ``advance`` over the rows still generating (as a rollout
+    calls them), then the loss trie's ``walk``, ``log_flows`` of
     the batch's item rewards and ``state_log_rewards``."""
     from flower_ext import losses
 

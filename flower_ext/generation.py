@@ -138,10 +138,6 @@ class TrieLogitsProcessor:
         nodes = self.current_nodes(input_ids)
         if self.log_flows is None:
             return self.trie.mask_logits_(scores.clone(), nodes, finished_token=self.eos_token_id)
-        guided = self.trie.guide_logits_(scores.clone(), nodes, self.log_flows, self.beta)
-        if self.eos_token_id is not None:
-            # EOS ends a complete item (or a row that left the trie); it carries no guidance.
-            finished = (nodes < 0) | (self.trie.child_count[nodes.long().clamp(min=0)] == 0)
-            eos = self.eos_token_id
-            guided[:, eos] = torch.where(finished, scores[:, eos], guided[:, eos])
-        return guided
+        return self.trie.guide_logits_(
+            scores.clone(), nodes, self.log_flows, self.beta, finished_token=self.eos_token_id
+        )

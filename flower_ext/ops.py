@@ -1,7 +1,7 @@
 """The trie ops as torch custom ops: schemas, device kernels, fake and autograd implementations.
 
 All torch glue of the package lives here. The compiled module ``flower_ext._C`` sees addresses
-and sizes only (DESIGN.md section 3), so this module validates dtypes, devices and shapes,
+and sizes only (docs/design.md section 3), so this module validates dtypes, devices and shapes,
 allocates every output and workspace, passes the current CUDA stream, and turns the status bits
 the kernels report into exceptions.
 
@@ -384,14 +384,20 @@ def _as_int32_bit(position: int) -> int:
     return bit - (1 << 32) if bit >= 1 << 31 else bit
 
 
-def _allow_on_finished_rows(trie_data, layout, node_ids, bitmask, token) -> None:
-    """Sets ``token``'s bit in the rows whose node has no children or is -1. The kernel has
-    validated the node ids already; the child counts are read from the packed ``child_ptr``."""
+def _finished_rows(trie_data, layout, node_ids) -> Tensor:
+    """``[B]`` bool: the rows whose node has no children (a complete item) or is -1 (it left the
+    trie). The kernels have validated the node ids already; the child counts are read from the
+    packed ``child_ptr``."""
     num_nodes = trie_sizes(layout)[0]
     child_ptr = trie_data[2 * num_nodes : 3 * num_nodes + 1]
     nodes = node_ids.long()
     safe = nodes.clamp(min=0)
-    finished = (nodes < 0) | (child_ptr[safe + 1] == child_ptr[safe])
+    return (nodes < 0) | (child_ptr[safe + 1] == child_ptr[safe])
+
+
+def _allow_on_finished_rows(trie_data, layout, node_ids, bitmask, token) -> None:
+    """Sets ``token``'s bit in the finished rows (:func:`_finished_rows`)."""
+    finished = _finished_rows(trie_data, layout, node_ids)
     word = bitmask[:, token // 32]
     word |= torch.where(finished, _as_int32_bit(token % 32), 0).to(torch.int32)
 
@@ -668,9 +674,10 @@ def guidance_beta(beta: float | Tensor, logits: Tensor) -> Tensor:
     return torch.full((), beta, dtype=_guidance_dtype(logits), device=logits.device)
 
 
-def _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta) -> None:
+def _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta, finished_token):
     op = "guide_logits_"
     _check_node_rows(op, trie_data, layout, node_ids)
+    _check_finished_token(op, finished_token, logits.shape[-1])
     _check_device(op, trie_data, logits=logits, log_flows=log_flows, beta=beta)
     _check_logits(op, logits, node_ids.shape[0])
     batch, vocab_size = logits.shape
@@ -705,12 +712,16 @@ def guide_logits_(
     node_ids: Tensor,
     log_flows: Tensor,
     beta: Tensor,
+    finished_token: int | None = None,
 ) -> None:
     """Flow-guided logit masking, in place: for row b at node n, each child c of n (token v)
     gets ``logits[b, v] - beta[b] * (log_flows[c] - log_flows[n])`` (-inf when either flow is
-    -inf), every other token -inf. See :meth:`flower_ext.Trie.guide_logits_`."""
-    _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta)
+    -inf), every other token -inf; a finished row (as in :func:`mask_logits_`) keeps
+    ``finished_token``'s logit, unguided. See :meth:`flower_ext.Trie.guide_logits_`."""
+    _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta, finished_token)
     node_ids, flows = node_ids.contiguous(), log_flows.contiguous()
+    if finished_token is not None:
+        kept = logits[:, finished_token].clone()
     beta = beta.to(_guidance_dtype(logits)).contiguous()
     status = _new_status(logits.device)
     _launch("guide_logits", logits.device,
@@ -721,11 +732,14 @@ def guide_logits_(
         status.data_ptr(),
     )
     _raise_on_status("guide_logits_", status)
+    if finished_token is not None:
+        finished = _finished_rows(trie_data, layout, node_ids)
+        logits[:, finished_token] = torch.where(finished, kept, logits[:, finished_token])
 
 
 @guide_logits_.register_fake
-def _(trie_data, layout, logits, node_ids, log_flows, beta):
-    _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta)
+def _(trie_data, layout, logits, node_ids, log_flows, beta, finished_token=None):
+    _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta, finished_token)
 
 
 # ---------------------------------------------------------------------------------------------

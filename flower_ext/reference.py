@@ -241,8 +241,11 @@ def advance(ref: ReferenceTrie, node_ids: Tensor, tokens: Tensor) -> Tensor:
 # token bitmask and logit masking
 
 
-def allowed_tokens(ref: ReferenceTrie, node_ids: Tensor, vocab_size: int) -> Tensor:
-    """``[B, V]`` bool: the child tokens of each row's node (nothing for node -1). Built per row
+def allowed_tokens(
+    ref: ReferenceTrie, node_ids: Tensor, vocab_size: int, finished_token: int | None = None
+) -> Tensor:
+    """``[B, V]`` bool: the child tokens of each row's node; a finished row (a node without
+    children, or -1) allows ``finished_token`` alone, or nothing when it is None. Built per row
     with ``arange`` + ``isin`` over the whole vocabulary, the published Flower approach."""
     vocabulary = torch.arange(vocab_size)
     rows = []
@@ -251,6 +254,8 @@ def allowed_tokens(ref: ReferenceTrie, node_ids: Tensor, vocab_size: int) -> Ten
         child_tokens = [] if prefix is None else ref.children[prefix]
         if child_tokens and child_tokens[-1] >= vocab_size:
             raise ValueError(f"vocab_size {vocab_size} does not cover token {child_tokens[-1]}")
+        if not child_tokens and finished_token is not None:
+            child_tokens = [finished_token]
         rows.append(torch.isin(vocabulary, torch.tensor(child_tokens, dtype=torch.int64)))
     if not rows:
         return torch.zeros(0, vocab_size, dtype=torch.bool, device=node_ids.device)
@@ -276,10 +281,12 @@ def _unpack_bits(bitmask: Tensor, vocab_size: int) -> Tensor:
     return bits.reshape(bitmask.shape[0], bitmask.shape[1] * 32)[:, :vocab_size].bool()
 
 
-def token_bitmask(ref: ReferenceTrie, node_ids: Tensor, vocab_size: int) -> Tensor:
+def token_bitmask(
+    ref: ReferenceTrie, node_ids: Tensor, vocab_size: int, finished_token: int | None = None
+) -> Tensor:
     """``[B, ceil(V / 32)]`` int32 allowed-token bitmask, xgrammar / vLLM layout (bit j of word
-    w is token 32 w + j, 1 = allowed)."""
-    return _pack_bits(allowed_tokens(ref, node_ids, vocab_size))
+    w is token 32 w + j, 1 = allowed); finished rows as in :func:`allowed_tokens`."""
+    return _pack_bits(allowed_tokens(ref, node_ids, vocab_size, finished_token))
 
 
 def apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
@@ -287,16 +294,25 @@ def apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
     return logits.masked_fill(~_unpack_bits(bitmask, logits.shape[-1]), NEG_INF)
 
 
-def mask_logits(ref: ReferenceTrie, logits: Tensor, node_ids: Tensor) -> Tensor:
+def mask_logits(
+    ref: ReferenceTrie, logits: Tensor, node_ids: Tensor, finished_token: int | None = None
+) -> Tensor:
     """A copy of ``logits [B, V]`` with -inf on every token that is not a child of the row's
-    node."""
-    return logits.masked_fill(~allowed_tokens(ref, node_ids, logits.shape[-1]), NEG_INF)
+    node; finished rows as in :func:`allowed_tokens`."""
+    allowed = allowed_tokens(ref, node_ids, logits.shape[-1], finished_token)
+    return logits.masked_fill(~allowed, NEG_INF)
 
 
 def guide_logits(
-    ref: ReferenceTrie, logits: Tensor, node_ids: Tensor, log_flows: Tensor, beta: float | Tensor
+    ref: ReferenceTrie,
+    logits: Tensor,
+    node_ids: Tensor,
+    log_flows: Tensor,
+    beta: float | Tensor,
+    finished_token: int | None = None,
 ) -> Tensor:
-    """:func:`mask_logits`, then for each child c of row b's node n (token v): -inf when
+    """:func:`mask_logits` (finished rows keep ``finished_token``'s logit, unguided), then for
+    each child c of row b's node n (token v): -inf when
     ``log(F(c) / F(n))`` is -inf (a zero prior), else ``logits[b, v] - beta_b * log(F(c) / F(n))``
     computed in float32 (float64 for float64 logits). ``log_flows`` is ``[N]`` or ``[B, N]``,
     ``beta`` a number or a 0-d or ``[B]`` tensor; the flows a row reads must not be NaN or +inf,
@@ -306,7 +322,7 @@ def guide_logits(
     betas = torch.as_tensor(beta, dtype=compute).expand(batch)
     if not torch.isfinite(betas).all():
         raise ValueError("beta must be finite")
-    out = mask_logits(ref, logits, node_ids)
+    out = mask_logits(ref, logits, node_ids, finished_token)
     for b, (flows, node) in enumerate(zip(_row_flows(log_flows, batch), node_ids.tolist())):
         prefix = _node_or_none(ref, node)
         if prefix is None:

@@ -327,7 +327,13 @@ class Trie:
         )
 
     def guide_logits_(
-        self, logits: Tensor, node_ids: Tensor, log_flows: Tensor, beta: float | Tensor
+        self,
+        logits: Tensor,
+        node_ids: Tensor,
+        log_flows: Tensor,
+        beta: float | Tensor,
+        *,
+        finished_token: int | None = None,
     ) -> Tensor:
         """Flow-guided constrained decoding step, in place; returns ``logits``.
 
@@ -347,12 +353,16 @@ class Trie:
             log_flows: the prior's log-flows (e.g. :meth:`log_flows` of item popularity),
                 ``[N]`` shared by all rows or ``[B, N]``, float32 or float64.
             beta: guidance strength, a finite Python number or a 0-d or ``[B]`` float tensor.
+            finished_token: as in :meth:`mask_logits_`: a finished row (a node without
+                children, or -1) keeps this token's logit, unguided (e.g. EOS after an item).
 
         Raises ``ValueError`` on a node id outside ``[-1, N)``, a child token ``>= V``, a NaN or
         +inf flow read by a row, or a non-finite beta. The data checks run in the kernel, so
         their error is raised after the logits were written."""
         beta = ops.guidance_beta(beta, logits)
-        ops.guide_logits_(self.data, self.layout, logits, node_ids, log_flows, beta)
+        ops.guide_logits_(
+            self.data, self.layout, logits, node_ids, log_flows, beta, finished_token
+        )
         return logits
 
     def preorder(self) -> tuple[Tensor, Tensor]:

@@ -79,10 +79,12 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     flow_dtype=FLOW_DTYPES,
     per_row_flows=st.booleans(),
     beta_kind=BETA_KINDS,
+    finished_token=st.none() | st.integers(0, SMALL_VOCAB - 1),
     data=st.data(),
 )
 def test_guide_logits(
-    device, dtype, strided, catalog, batch, index_dtype, flow_dtype, per_row_flows, beta_kind, data
+    device, dtype, strided, catalog, batch, index_dtype, flow_dtype, per_row_flows, beta_kind,
+    finished_token, data,
 ):
     trie, ref = build(catalog, device)
     nodes = torch.tensor(data.draw(node_id_lists(ref.num_nodes, batch)), dtype=index_dtype)
@@ -91,10 +93,13 @@ def test_guide_logits(
     buffer = seeded(data.draw(SEEDS), (batch, 3, SMALL_VOCAB + 5), dtype).to(device)
     original = buffer.clone()
     logits = buffer[STRIDED] if strided else buffer[:, 0, :SMALL_VOCAB].contiguous()
-    expected = ref_ops.guide_logits(ref, logits.cpu(), nodes, flows, beta)
+    expected = ref_ops.guide_logits(ref, logits.cpu(), nodes, flows, beta, finished_token)
     if isinstance(beta, torch.Tensor):
         beta = beta.to(device)
-    assert trie.guide_logits_(logits, nodes.to(device), flows.to(device), beta) is logits
+    guided = trie.guide_logits_(
+        logits, nodes.to(device), flows.to(device), beta, finished_token=finished_token
+    )
+    assert guided is logits
     assert torch.equal(logits.cpu(), expected)
     if strided:  # written through the view, and nowhere else
         outside = torch.ones_like(buffer, dtype=torch.bool)
@@ -233,8 +238,9 @@ def opcheck_cases(trie: Trie) -> dict[str, tuple]:
 @pytest.mark.parametrize("name", list(opcheck_cases(Trie.from_sequences(SAMPLE))))
 def test_opcheck(sample, name):
     logits, nodes, flows, beta = opcheck_cases(sample)[name]
-    args = (sample.data, sample.layout, logits, nodes, flows, beta)
-    torch.library.opcheck(ops.guide_logits_, args)
+    for finished_token in (None, 3):
+        args = (sample.data, sample.layout, logits, nodes, flows, beta, finished_token)
+        torch.library.opcheck(ops.guide_logits_, args)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

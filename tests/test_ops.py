@@ -170,14 +170,16 @@ def test_advance(device, catalog, batch, node_dtype, token_dtype, two_dimensiona
     batch=BATCH_SIZES,
     dtype=INDEX_DTYPES,
     vocab_size=st.sampled_from([7, 32, SMALL_VOCAB, 64, 65]),
+    use_finished_token=st.booleans(),
     data=st.data(),
 )
-def test_token_bitmask(device, catalog, batch, dtype, vocab_size, data):
+def test_token_bitmask(device, catalog, batch, dtype, vocab_size, use_finished_token, data):
     trie, ref = build(catalog, device)
     nodes = torch.tensor(data.draw(node_id_lists(ref.num_nodes, batch)), dtype=dtype)
-    got = trie.token_bitmask(nodes.to(device), vocab_size)
+    finished = data.draw(st.integers(0, vocab_size - 1)) if use_finished_token else None
+    got = trie.token_bitmask(nodes.to(device), vocab_size, finished_token=finished)
     assert got.dtype == torch.int32 and got.shape == (batch, (vocab_size + 31) // 32)
-    assert torch.equal(got.cpu(), ref_ops.token_bitmask(ref, nodes, vocab_size))
+    assert torch.equal(got.cpu(), ref_ops.token_bitmask(ref, nodes, vocab_size, finished))
 
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES)
@@ -203,15 +205,21 @@ LOGIT_LAYOUTS = {
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES)
 @pytest.mark.parametrize("layout", LOGIT_LAYOUTS.values(), ids=LOGIT_LAYOUTS.keys())
-@given(catalog=catalogs(huge=False), batch=BATCH_SIZES, index_dtype=INDEX_DTYPES, data=st.data())
-def test_mask_logits(device, dtype, layout, catalog, batch, index_dtype, data):
+@given(
+    catalog=catalogs(huge=False),
+    batch=BATCH_SIZES,
+    index_dtype=INDEX_DTYPES,
+    finished_token=st.none() | st.integers(0, SMALL_VOCAB - 1),
+    data=st.data(),
+)
+def test_mask_logits(device, dtype, layout, catalog, batch, index_dtype, finished_token, data):
     trie, ref = build(catalog, device)
     nodes = torch.tensor(data.draw(node_id_lists(ref.num_nodes, batch)), dtype=index_dtype)
     buffer = seeded(data.draw(SEEDS), (batch, 3, SMALL_VOCAB + 5), dtype).to(device)
     original = buffer.clone()
     logits = buffer[:, 0, :SMALL_VOCAB].contiguous() if layout is None else buffer[layout]
-    expected = ref_ops.mask_logits(ref, logits.cpu(), nodes)
-    assert trie.mask_logits_(logits, nodes.to(device)) is logits
+    expected = ref_ops.mask_logits(ref, logits.cpu(), nodes, finished_token)
+    assert trie.mask_logits_(logits, nodes.to(device), finished_token=finished_token) is logits
     assert torch.equal(logits.cpu(), expected)
     if layout is not None:  # written through the view, and nowhere else
         outside = torch.ones_like(buffer, dtype=torch.bool)

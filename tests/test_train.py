@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 
 from flower_rec.decoding import Catalog
 from flower_rec.evaluate import evaluate
+from flower_rec.loop import _stacked_logits, continuation_logits
 from flower_rec.models import corpus, tiny_llama, train_tokenizer
 from flower_rec.prepare import prepare_synthetic
 from flower_rec.prompts import PromptCutoffError, build_prompt, encode, fit_prompts
@@ -129,8 +130,8 @@ def test_teacher_forced_logits_equal_single_sequence_forwards(
     actions, lengths = loss.rollout(model, ids, mask, torch.Generator().manual_seed(0))
     continuations = [(batch["target_ids"], batch["target_lengths"]), (actions, lengths)]
     with torch.no_grad():
-        packed = loss.teacher_forced_logits(model, ids, mask, continuations)
-        stacked = loss._stacked_logits(model, model, ids, mask, continuations)
+        packed = continuation_logits(model, ids, mask, continuations)
+        stacked = _stacked_logits(model, model, ids, mask, continuations)
         for j, (tokens, token_lengths) in enumerate(continuations):
             for row in range(ids.shape[0]):
                 prompt = ids[row][mask[row].bool()]

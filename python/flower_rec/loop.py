@@ -29,7 +29,7 @@ import torch
 from flower_ext import Trie, losses
 from torch import Tensor
 
-from .decoding.runner import _new_cache
+from .decoding.runner import new_cache
 
 __all__ = [
     "Rollout",
@@ -128,7 +128,7 @@ def _sample(model, input_ids, attention_mask, trie, termination_token, temperatu
     rows = torch.arange(batch, device=device)  # the rows still drawing
     nodes = torch.zeros(batch, dtype=torch.int32, device=device)
     prompt_lengths = attention_mask.sum(1)
-    mask, cache = attention_mask, _new_cache(model)
+    mask, cache = attention_mask, new_cache(model)
     logits = _forward(
         model, model, 1, cache, input_ids=input_ids, attention_mask=mask,
         position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),

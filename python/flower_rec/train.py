@@ -91,7 +91,6 @@ from .data import Dataset, load_dataset
 from .decoding import Catalog
 from .files import atomic_files, atomic_open, check_whole, read_json, read_text, reading
 from .loop import (
-    _stacked_logits,
     continuation_labels,
     continuation_logits,
     rollout,
@@ -582,14 +581,6 @@ class FlowerObjective:
         generator.manual_seed(seed)
         return generator
 
-    # -- teacher forcing ------------------------------------------------------------------
-
-    # The model's logits at the states of each continuation of the prompts, with gradient, in
-    # one forward (:func:`flower_rec.loop.continuation_logits`); the stacked form is the one
-    # attention implementations without 4-D masks get.
-    teacher_forced_logits = staticmethod(continuation_logits)
-    _stacked_logits = staticmethod(_stacked_logits)
-
     # -- the loss -------------------------------------------------------------------------
 
     def log_flows(
@@ -630,7 +621,7 @@ class FlowerObjective:
             generator = None if seed is None else self._generator(model, seed)
             actions, lengths = self.rollout(model, input_ids, attention_mask, generator)
             continuations.append((actions, lengths))
-        logits = self.teacher_forced_logits(model, input_ids, attention_mask, continuations)
+        logits = continuation_logits(model, input_ids, attention_mask, continuations)
         sft = losses.sft_loss(logits[0], continuation_labels(*target))
         if self.method == "sft":
             return LossTerms(sft, sft)

@@ -32,7 +32,8 @@ def sort_by_group_then_score(groups: Tensor, scores: Tensor) -> Tensor:
     return order[torch.argsort(groups[order], stable=True)]
 
 
-def _new_cache(model):
+def new_cache(model):
+    """An empty KV cache for ``model`` (a transformers ``DynamicCache``)."""
     try:
         from transformers import DynamicCache
     except ImportError:  # pragma: no cover
@@ -232,7 +233,7 @@ class ModelRunner:
 
     def prefill(self, batch: PromptBatch):
         return self.forward(
-            batch.input_ids, batch.attention_mask, batch.position_ids, _new_cache(self.model), True
+            batch.input_ids, batch.attention_mask, batch.position_ids, new_cache(self.model), True
         )
 
     def check_length(self, max_new_tokens: int, extra: int) -> None:

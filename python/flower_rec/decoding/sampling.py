@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .guidance import Guidance, flows_of_rows
-from .runner import ModelRunner, PromptBatch, group_rank, sort_by_group_then_score
+from .runner import ModelRunner, group_rank, sort_by_group_then_score
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -87,22 +87,6 @@ class Sampling(ModelRunner):
     def sample(self, prompts, **options) -> list[list[str]]:
         """Titles of :meth:`sample_items`, ``num_samples`` per prompt."""
         return self.titles(self.sample_items(prompts, **options))
-
-    def sample_leaves(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        *,
-        num_samples: int = 1,
-        temperature: float = 1.0,
-        max_new_tokens: int = 64,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Trie-constrained samples for an already tokenised, left-padded batch (on the model's
-        device): the leaf node of each sample, ``[B * num_samples]`` (-1 where an item was not
-        finished within ``max_new_tokens``). The training rollouts use this."""
-        batch = PromptBatch.from_padded(input_ids, attention_mask, list(range(input_ids.shape[0])))
-        return self._sample_batch(batch, num_samples, temperature, max_new_tokens, generator)
 
     def _sample_batch(
         self, batch, num_samples, temperature, max_new_tokens, generator, guidance=None, flows=None
