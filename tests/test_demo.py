@@ -1,6 +1,7 @@
 """flower-rec demo --quick end to end, and a rerun that continues instead of starting over."""
 
 import json
+import re
 
 import pytest
 
@@ -74,7 +75,18 @@ def test_claim_verdicts_need_differences_beyond_seed_noise():
     assert "(+1.0%), NDCG@10 0.80x" in flower
 
 
-def test_demo_refuses_a_bad_guidance_before_training(tmp_path):
-    with pytest.raises(ValueError, match="guidance must be 'auto' or a finite number"):
-        run_demo(DemoConfig(out=str(tmp_path), guidance="strong"))
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"guidance": "strong"}, "guidance must be 'auto' or a number"),
+        ({"theta": 2.0}, "theta must lie in [0, 1], got 2.0"),
+        ({"epochs": float("nan")}, "epochs must be a positive number"),
+        ({"eval_limit": 0}, "eval_limit must be a positive integer or None, got 0"),
+        ({"guidance_users": -1}, "guidance_users must be a positive integer, got -1"),
+        ({"quick": "false"}, "quick must be true or false"),
+    ],
+)
+def test_demo_refuses_a_bad_option_before_any_stage(tmp_path, option, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_demo(DemoConfig(out=str(tmp_path), **option))
     assert not (tmp_path / "synthetic").exists()

@@ -150,6 +150,10 @@ def test_evaluate_guidance_auto_writes_the_curve(dataset_dir, model_dir, tmp_pat
         (["--guidance", "strong"], "guidance must be 'auto' or a number"),
         (["--guidance", "nan"], "finite number"),
         (["--guidance", "auto", "--mode", "sampled-top-k"], "give 'sampled-top-k' a number"),
+        (["--limit", "-2"], "limit must be a positive integer or None, got -2"),
+        (["--limit", "0"], "limit must be a positive integer or None, got 0"),
+        (["--temperature", "nan"], "temperature must be a positive number, got nan"),
+        (["--k", "0"], "k must be a positive integer, got 0"),
     ],
 )
 def test_bad_guidance_options_are_one_line_errors(dataset_dir, model_dir, tmp_path, capsys,

@@ -11,14 +11,17 @@ from __future__ import annotations
 import math
 import os
 import reprlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "BOOLEAN",
+    "COUNT",
     "PATH",
+    "SEED",
     "Rule",
+    "first_problem",
     "integer",
     "number",
     "one_of",
@@ -119,7 +122,18 @@ def optional(rule: Rule) -> Rule:
     return Rule(f"{rule.must} or None", lambda value: value is None or rule.accepts(value))
 
 
+def first_problem(values: Mapping[str, Any], rules: Mapping[str, Rule]) -> str | None:
+    """The message of the first value in ``values`` that breaks its rule in ``rules``."""
+    for name, rule in rules.items():
+        problem = rule.problem(name, values[name])
+        if problem:
+            return problem
+    return None
+
+
 BOOLEAN = Rule("be true or false", lambda value: isinstance(value, bool))
+COUNT = integer(1)
+SEED = integer(0, 2**32 - 1)  # numpy's seeds are 32-bit
 PATH = Rule(
     "be a path (a non-empty string)",
     lambda value: _is(value, (str, os.PathLike)) and str(value) != "",

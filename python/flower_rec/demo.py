@@ -20,11 +20,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config_checks import BOOLEAN, COUNT, PATH, SEED, Rule, first_problem, number, one_of, optional
 from .data import load_dataset
 from .evaluate import evaluate, popularity_reference, resolve_guidance
 from .files import atomic_open
 from .guidance_selection import GuidanceSelection
 from .metrics import write_report
+from .prompts import DOMAINS
+from .rewards import REWARD_VARIANTS
 
 COLUMNS = ("NDCG@10", "HR@10", "DGU", "MGU", "word_entropy", "type_token_ratio", "distinct_titles")
 DECODINGS = ("beam", "guided-beam", "sampled-top-k")
@@ -53,6 +56,14 @@ class DemoConfig:
     guidance: str = "auto"
     guidance_users: int = 500
 
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the first bad option, before any stage runs."""
+        values = {name: getattr(self, name) for name in DEMO_RULES}
+        problem = first_problem(values, DEMO_RULES)
+        if problem:
+            raise ValueError(problem)
+        resolve_guidance(self.guidance)
+
     @property
     def max_steps(self) -> int:
         return 60 if self.quick else -1
@@ -66,6 +77,21 @@ class DemoConfig:
             Variant("sft", seed=self.seed),
             Variant("flower", "flower", self.theta, self.reward, seed=self.seed),
         ]
+
+
+#: What each option of :class:`DemoConfig` must be.
+DEMO_RULES: dict[str, Rule] = {
+    "out": PATH,
+    "data": optional(PATH),
+    "domain": one_of(sorted(DOMAINS)),
+    "quick": BOOLEAN,
+    "seed": SEED,
+    "epochs": number(0, above=True, must="be a positive number"),
+    "theta": number(0, 1, must="lie in [0, 1]"),
+    "reward": one_of(REWARD_VARIANTS),
+    "eval_limit": optional(COUNT),
+    "guidance_users": COUNT,
+}
 
 
 @dataclass(frozen=True)
@@ -166,9 +192,7 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
     names = [variant.name for variant in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got {names}")
-    resolve_guidance(config.guidance)  # a bad value fails before any training
-    if config.guidance_users < 1:
-        raise ValueError(f"guidance_users must be positive, got {config.guidance_users}")
+    config.validate()  # a bad option fails before any training
     out = Path(config.out)
     if config.data is not None:
         data = Path(config.data)

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .config_checks import COUNT, SEED, Rule, first_problem, number, one_of, optional
 from .data import Dataset, popularity_counts, popularity_groups
 from .decoding import GUIDANCE_FORMS, Catalog, Guidance, TrieDecoder
 from .files import atomic_open
@@ -24,6 +25,19 @@ from .rewards import PopularityRewards
 
 DecodingMode = Literal["beam", "sampled-top-k", "sample"]
 DECODING_MODES: tuple[DecodingMode, ...] = ("beam", "sampled-top-k", "sample")
+
+
+#: What each option of :func:`evaluate` must be, checked before any decoding.
+EVALUATE_RULES: dict[str, Rule] = {
+    "k": COUNT,
+    "limit": optional(COUNT),
+    "batch_size": COUNT,
+    "seed": SEED,
+    "temperature": number(0, above=True, must="be a positive number"),
+    "max_prompt_tokens": optional(COUNT),
+    "guidance_users": optional(COUNT),
+    "mode": one_of(DECODING_MODES),
+}
 
 
 @dataclass
@@ -137,6 +151,14 @@ def evaluate(
     curve in :attr:`Evaluation.selection`. The prior is ``guidance_prior`` (``[I]`` item
     log-prior, or ``[samples, I]`` one row per evaluated sample) or the training popularity
     (:func:`popularity_prior`). The metrics record the setting under ``"guidance"``."""
+    problem = first_problem(
+        {"k": k, "limit": limit, "batch_size": batch_size, "seed": seed,
+         "temperature": temperature, "max_prompt_tokens": max_prompt_tokens,
+         "guidance_users": guidance_users, "mode": mode},
+        EVALUATE_RULES,
+    )
+    if problem:
+        raise ValueError(problem)
     auto, beta, form = resolve_guidance(guidance, guidance_form)
     if auto and mode != "beam":
         raise ValueError(

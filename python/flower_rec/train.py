@@ -86,7 +86,19 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-from .config_checks import BOOLEAN, PATH, Rule, integer, number, one_of, optional, shown
+from .config_checks import (
+    BOOLEAN,
+    COUNT,
+    PATH,
+    SEED,
+    Rule,
+    first_problem,
+    integer,
+    number,
+    one_of,
+    optional,
+    shown,
+)
 from .data import Dataset, load_dataset
 from .decoding import Catalog
 from .files import atomic_files, atomic_open, check_whole, read_json, read_text, reading
@@ -137,7 +149,7 @@ class TrainConfigError(ValueError):
 
 _POSITIVE = number(0, above=True, must="be a positive number")
 _NON_NEGATIVE = number(0, must="be a non-negative number")
-_COUNT = integer(1)
+_COUNT = COUNT
 _OPTIONAL_COUNT = optional(_COUNT)
 _PROBABILITIES = Rule(
     "be a tensor, a .pt / .safetensors file, a callable or None",
@@ -188,7 +200,7 @@ FIELD_RULES: dict[str, Rule] = {
     "eval_steps": _OPTIONAL_COUNT,
     "valid_limit": _OPTIONAL_COUNT,
     "early_stopping_patience": _OPTIONAL_COUNT,
-    "seed": integer(0, 2**32 - 1),  # numpy's seeds are 32-bit
+    "seed": SEED,
     "resume": BOOLEAN,
     "tensorboard": BOOLEAN,
     "progress": BOOLEAN,
@@ -315,10 +327,9 @@ class TrainConfig:
 
     def _check_fields(self) -> None:
         """Every field's type and range, before any of them is used."""
-        for name, rule in FIELD_RULES.items():
-            problem = rule.problem(name, getattr(self, name))
-            if problem:
-                raise TrainConfigError(problem)
+        problem = first_problem({name: getattr(self, name) for name in FIELD_RULES}, FIELD_RULES)
+        if problem:
+            raise TrainConfigError(problem)
 
     def validate(self) -> None:
         """Raises :class:`TrainConfigError` naming the first invalid field: each field's type and
