@@ -16,7 +16,8 @@
                  Address exec);                                                                   \
   void log_flows_backward(const TrieView& trie, int32_t real, Address log_rewards, Address flows, \
                           Address grad_flows, Address adjoint, Address grad_log_rewards,          \
-                          int64_t batch, const std::vector<int32_t>& level_ptr, Address exec);    \
+                          int64_t batch, const std::vector<int32_t>& level_ptr, Address status,   \
+                          Address exec);                                                          \
   void walk(const TrieView& trie, int32_t token_bytes, Address tokens, Address lengths,           \
             int64_t batch, int64_t max_length, Address nodes, Address status, Address exec);      \
   void advance(const TrieView& trie, int32_t node_bytes, Address nodes, int32_t token_bytes,      \
@@ -40,11 +41,12 @@
                     int32_t real, Address flows, int64_t flows_row_stride, Address beta,          \
                     int64_t beta_stride, Address status, Address exec);                           \
   void path_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch, \
-                 const std::vector<int32_t>& level_ptr, Address exec);                            \
+                 const std::vector<int32_t>& level_ptr, Address status, Address exec);            \
   void subtree_sums(const TrieView& trie, int32_t real, Address values, Address sums,             \
-                    int64_t batch, const std::vector<int32_t>& level_ptr, Address exec);          \
+                    int64_t batch, const std::vector<int32_t>& level_ptr, Address status,         \
+                    Address exec);                                                                \
   void preorder(const TrieView& trie, Address subtree_size, Address rank,                         \
-                const std::vector<int32_t>& level_ptr, Address exec);
+                const std::vector<int32_t>& level_ptr, Address status, Address exec);
 
 namespace flower {
 namespace cpu {

@@ -52,6 +52,8 @@ _STATUS_MESSAGES = {
     32: "vocab_size must exceed every token id in the trie",
     64: "log_flows must not be NaN or +inf (-inf, a zero prior, is allowed)",
     128: "beta must be finite",
+    256: "trie_data holds an index outside the trie: it is corrupted or belongs to another "
+    "layout (pass a Trie's data and layout together)",
 }
 
 
@@ -130,10 +132,15 @@ def _check_index(op: str, name: str, tensor: Tensor) -> None:
 
 def _check_trie(op: str, trie_data: Tensor, layout: list[int]) -> None:
     _check(trie_data.dtype == torch.int32 and trie_data.dim() == 1, op, "trie_data must be 1-D int32")
+    level_ptr = layout[1:]
     _check(
-        len(layout) >= 3 and layout[0] >= 1 and layout[1] == 0 and layout[-1] >= 1,
+        len(layout) >= 3
+        and layout[0] >= 1
+        and level_ptr[0] == 0
+        and level_ptr[-1] >= 1
+        and level_ptr == sorted(level_ptr),
         op,
-        "layout must be [num_items, *level_ptr] with level_ptr starting at 0 (Trie.layout)",
+        "layout must be [num_items, *level_ptr] with level_ptr rising from 0 (Trie.layout)",
     )
     num_nodes, num_items = trie_sizes(layout)
     _check(
@@ -148,8 +155,9 @@ def _check_trie(op: str, trie_data: Tensor, layout: list[int]) -> None:
 # log_flows
 
 
-def _check_log_flows(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> None:
-    op = "log_flows"
+def _check_log_flows(
+    trie_data: Tensor, layout: list[int], log_rewards: Tensor, op: str = "log_flows"
+) -> None:
     _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, log_rewards=log_rewards)
     _check(
@@ -199,20 +207,40 @@ def log_flows_backward(
     trie_data: Tensor, layout: list[int], log_rewards: Tensor, flows: Tensor, grad_flows: Tensor
 ) -> Tensor:
     """Gradient of :func:`log_flows` with respect to the log-rewards (a top-down pass)."""
+    _check_log_flows_backward(trie_data, layout, log_rewards, flows, grad_flows)
     rewards, flows, grad_flows = (t.contiguous() for t in (log_rewards, flows, grad_flows))
-    grad_rewards = torch.empty_like(rewards)
+    # Zeros, not empty: the kernel writes the gradient of every item that the trie lists, which
+    # a corrupted trie need not list.
+    grad_rewards = torch.zeros_like(rewards)
     adjoint = torch.empty_like(flows)
     batch = rewards.numel() // rewards.shape[-1]
+    status = _new_status(rewards.device)
     _launch("log_flows_backward", rewards.device,
         _trie_view(trie_data, layout), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
         flows.data_ptr(), grad_flows.data_ptr(), adjoint.data_ptr(), grad_rewards.data_ptr(),
-        batch, _level_ptr(layout),
+        batch, _level_ptr(layout), status.data_ptr(),
     )
+    _raise_on_status("log_flows_backward", status)
     return grad_rewards
+
+
+def _check_log_flows_backward(trie_data, layout, log_rewards, flows, grad_flows) -> None:
+    op = "log_flows_backward"
+    _check_log_flows(trie_data, layout, log_rewards, op)
+    _check_device(op, trie_data, flows=flows, grad_flows=grad_flows)
+    expected = _flows_shape(trie_data, layout, log_rewards)
+    for name, tensor in (("flows", flows), ("grad_flows", grad_flows)):
+        _check(
+            tensor.dtype == log_rewards.dtype and tensor.shape == expected,
+            op,
+            f"{name} must be {log_rewards.dtype} of shape {tuple(expected)} (log_flows' output), "
+            f"got {tensor.dtype} of shape {tuple(tensor.shape)}",
+        )
 
 
 @log_flows_backward.register_fake
 def _(trie_data, layout, log_rewards, flows, grad_flows):
+    _check_log_flows_backward(trie_data, layout, log_rewards, flows, grad_flows)
     return torch.empty_like(log_rewards)
 
 
@@ -420,6 +448,16 @@ def _check_logits(op: str, logits: Tensor, rows: int) -> None:
         logits.shape[1] <= 1 or logits.stride(1) == 1,
         op,
         "logits must be contiguous along the vocabulary (stride 1 in the last dimension)",
+    )
+    # With stride 1 along the vocabulary, rows share memory exactly when a row starts before the
+    # previous one ends (an expanded row, a stride-0 or overlapping view): writing one row would
+    # then write another, and the rows would be masked with the union of their masks.
+    _check(
+        logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1],
+        op,
+        "unsupported operation: more than one element of the written-to tensor logits refers to "
+        "a single memory location (rows that share memory, e.g. from expand()); please clone() "
+        "it first",
     )
 
 
@@ -754,10 +792,12 @@ def preorder(trie_data: Tensor, layout: list[int]) -> tuple[Tensor, Tensor]:
     num_nodes = trie_sizes(layout)[0]
     subtree_size = torch.ones(num_nodes, dtype=torch.int64, device=trie_data.device)
     rank = torch.empty_like(subtree_size)
+    status = _new_status(trie_data.device)
     _launch("preorder", trie_data.device,
         _trie_view(trie_data, layout), subtree_size.data_ptr(), rank.data_ptr(),
-        _level_ptr(layout),
+        _level_ptr(layout), status.data_ptr(),
     )
+    _raise_on_status("preorder", status)
     return rank, subtree_size
 
 
@@ -787,10 +827,13 @@ def _tree_pass(op: str, trie_data: Tensor, layout: list[int], values: Tensor) ->
     _check_node_values(op, trie_data, layout, values)
     values = values.contiguous()
     sums = torch.empty_like(values)
+    status = _new_status(values.device)
     _launch(op, values.device,
         _trie_view(trie_data, layout), _REAL_CODES[values.dtype], values.data_ptr(),
         sums.data_ptr(), values.numel() // values.shape[-1], _level_ptr(layout),
+        status.data_ptr(),
     )
+    _raise_on_status(op, status)
     return sums
 
 

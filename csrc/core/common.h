@@ -35,6 +35,7 @@ enum Status : int32_t {
   kVocabTooSmall = 32,     // a trie token id at or above the vocabulary size
   kFlowNotFinite = 64,     // a NaN or +inf log-flow
   kBetaNotFinite = 128,    // a NaN or infinite guidance strength
+  kTrieCorrupt = 256,      // an index inside the packed trie that points outside it
 };
 
 // Floating-point element types of the flow ops (numbering shared with flower_ext/ops.py).

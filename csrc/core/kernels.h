@@ -58,26 +58,89 @@ FLOWER_HD bool valid_token(Token token) {
   return token >= 0 && static_cast<int64_t>(token) <= INT32_MAX;
 }
 
-// The first child of `node` whose token is >= `token` (child_ptr[node + 1] when there is none).
-// Binary search: siblings are sorted by token.
-FLOWER_HD int32_t first_child_from(const TrieView& trie, int32_t node, int64_t token) {
-  int32_t lo = trie.child_ptr[node];
-  int32_t hi = trie.child_ptr[node + 1];
+// The packed trie reaches the ops as an ordinary tensor argument, so a caller may hand over a
+// corrupted one: every index read from it is checked where it is used, reported as
+// kTrieCorrupt, and replaced by something harmless (an empty range, no parent, no item).
+// A valid trie has each child range after its node (BFS: children follow their parent) and every
+// parent before its child, which also keeps the node passes' read-before-write order.
+struct IdRange {
+  int32_t begin, end;
+};
+
+FLOWER_HD IdRange children_of(const TrieView& trie, int32_t n, int32_t& status) {
+  const int32_t begin = trie.child_ptr[n], end = trie.child_ptr[n + 1];
+  if (n < begin && begin <= end && end <= trie.num_nodes) return IdRange{begin, end};
+  status |= kTrieCorrupt;
+  return IdRange{0, 0};
+}
+
+FLOWER_HD IdRange items_of(const TrieView& trie, int32_t n, int32_t& status) {
+  const int32_t begin = trie.item_ptr[n], end = trie.item_ptr[n + 1];
+  if (0 <= begin && begin <= end && end <= trie.num_items) return IdRange{begin, end};
+  status |= kTrieCorrupt;
+  return IdRange{0, 0};
+}
+
+// The item at position k of item_list, or -1.
+FLOWER_HD int32_t item_at(const TrieView& trie, int32_t k, int32_t& status) {
+  const int32_t item = trie.item_list[k];
+  if (item >= 0 && item < trie.num_items) return item;
+  status |= kTrieCorrupt;
+  return -1;
+}
+
+// The parent of n, or -1 (the root's, or a corrupted one's).
+FLOWER_HD int32_t parent_of(const TrieView& trie, int32_t n, int32_t& status) {
+  const int32_t parent = trie.parent[n];
+  if (parent >= -1 && parent < n) return parent;
+  status |= kTrieCorrupt;
+  return -1;
+}
+
+// The first child in `children` whose token is >= `token` (children.end when there is none).
+// Binary search: siblings are sorted by token, so every token it probes lies strictly between
+// the ones probed before it on either side, and above -1; one that does not is a corrupted trie.
+FLOWER_HD int32_t first_child_from(const TrieView& trie, IdRange children, int64_t token,
+                                   int32_t& status) {
+  int32_t lo = children.begin;
+  int32_t hi = children.end;
+  int64_t below = -1, above = INT64_MAX;
   while (lo < hi) {
     const int32_t mid = lo + (hi - lo) / 2;
-    if (trie.token[mid] < token) {
+    const int64_t probe = trie.token[mid];
+    if (probe <= below || probe >= above) {
+      status |= kTrieCorrupt;
+      return children.end;
+    }
+    if (probe < token) {
       lo = mid + 1;
+      below = probe;
     } else {
       hi = mid;
+      above = probe;
     }
   }
   return lo;
 }
 
 // The child of `node` reached by `token`, or -1.
-FLOWER_HD int32_t find_child(const TrieView& trie, int32_t node, int64_t token) {
-  const int32_t child = first_child_from(trie, node, token);
-  return (child < trie.child_ptr[node + 1] && trie.token[child] == token) ? child : -1;
+FLOWER_HD int32_t find_child(const TrieView& trie, int32_t node, int64_t token, int32_t& status) {
+  const IdRange children = children_of(trie, node, status);
+  const int32_t child = first_child_from(trie, children, token, status);
+  return (child < children.end && trie.token[child] == token) ? child : -1;
+}
+
+// The node passes (log_flows and its backward, path and subtree sums, preorder) read a node's
+// child range, item range, items and parent unchecked, once this has found them inside the
+// trie: the CPU checks every node once before a pass (O(nodes + items); checking per row cost
+// the flow pass a fifth of its time), the GPU each node where a thread uses it.
+FLOWER_HD int32_t check_node(const TrieView& trie, int32_t n) {
+  int32_t status = kOk;
+  children_of(trie, n, status);
+  const IdRange items = items_of(trie, n, status);
+  for (int32_t k = items.begin; k < items.end; ++k) item_at(trie, k, status);
+  parent_of(trie, n, status);
+  return status;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,7 +266,7 @@ FLOWER_HD int32_t walk_row(const TrieView& trie, const Token* tokens, int64_t le
       status |= kTokenOutOfRange;
       node = -1;
     } else if (node >= 0) {
-      node = find_child(trie, node, static_cast<int64_t>(token));
+      node = find_child(trie, node, static_cast<int64_t>(token), status);
     }
     nodes[t] = node;
   }
@@ -220,23 +283,30 @@ FLOWER_HD int32_t advance_one(const TrieView& trie, Index node, Token token, int
     *next = -1;
     return kTokenOutOfRange;
   }
-  *next = node < 0 ? -1 : find_child(trie, static_cast<int32_t>(node), static_cast<int64_t>(token));
-  return kOk;
+  int32_t status = kOk;
+  *next = node < 0 ? -1
+                   : find_child(trie, static_cast<int32_t>(node), static_cast<int64_t>(token), status);
+  return status;
 }
 
 // ---------------------------------------------------------------------------------------------
 // token bitmask (xgrammar / vLLM layout: bit j of word w is token 32 w + j, 1 = allowed) and
 // in-place logit masking.
 
-FLOWER_HD int32_t child_count(const TrieView& trie, int32_t node) {
-  return node < 0 ? 0 : trie.child_ptr[node + 1] - trie.child_ptr[node];
+FLOWER_HD int32_t child_count(const TrieView& trie, int32_t node, int32_t& status) {
+  if (node < 0) return 0;
+  const IdRange children = children_of(trie, node, status);
+  return children.end - children.begin;
 }
 
 // Sets the bit of the k-th child of `node` (0 <= k < child_count) in its row of the bitmask.
 FLOWER_HD int32_t set_child_bit(const TrieView& trie, int32_t node, int32_t k, int64_t vocab_size,
                                 uint32_t* row) {
   const int32_t token = trie.token[trie.child_ptr[node] + k];
-  if (token >= vocab_size) return kVocabTooSmall;
+  // One comparison in the common case: a negative token compares as a huge unsigned one.
+  if (static_cast<uint64_t>(static_cast<int64_t>(token)) >= static_cast<uint64_t>(vocab_size)) {
+    return token < 0 ? kTrieCorrupt : kVocabTooSmall;
+  }
   atomic_or(row + (token >> 5), 1u << (static_cast<uint32_t>(token) & 31u));
   return kOk;
 }
@@ -323,9 +393,10 @@ FLOWER_HD int32_t transition_termination(const TrieView& trie, const T* flows, I
     *out = T(0);
     return kOk;
   }
-  const int32_t end = find_child(trie, static_cast<int32_t>(node), termination_token);
+  int32_t status = kOk;
+  const int32_t end = find_child(trie, static_cast<int32_t>(node), termination_token, status);
   *out = end < 0 ? negative_infinity<T>() : log_ratio(flows[end], flows[node]);
-  return kOk;
+  return status;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -456,14 +527,18 @@ FLOWER_HD int32_t guide_range(const TrieView& trie, Index node, const Flow* flow
   int64_t v = begin;
   if (node >= 0) {
     const int32_t n = static_cast<int32_t>(node);
-    const int32_t children_end = trie.child_ptr[n + 1];
-    if (end == vocab_size && children_end > trie.child_ptr[n] &&
-        trie.token[children_end - 1] >= vocab_size) {
+    const IdRange children = children_of(trie, n, status);
+    if (end == vocab_size && children.end > children.begin &&
+        trie.token[children.end - 1] >= vocab_size) {
       status |= kVocabTooSmall;
     }
-    for (int32_t c = first_child_from(trie, n, begin); c < children_end && trie.token[c] < end;
-         ++c) {
+    for (int32_t c = first_child_from(trie, children, begin, status);
+         c < children.end && trie.token[c] < end; ++c) {
       const int32_t token = trie.token[c];
+      if (token < v) {  // siblings out of order, or a negative token: a corrupted trie
+        status |= kTrieCorrupt;
+        break;
+      }
       for (; v < token; ++v) logits_row[v] = fill;
       if (!(flows[n] < static_cast<Flow>(INFINITY) && flows[c] < static_cast<Flow>(INFINITY))) {
         status |= kFlowNotFinite;

@@ -20,6 +20,15 @@ int64_t rows_per_thread(int64_t work_per_row) {
 
 void raise_status(Address status, int32_t flags) { *at<int32_t>(status) |= flags; }
 
+// Reports a corrupted trie before a node pass, which then reads each node's entries unchecked
+// (check_node in kernels.h). True when the pass may run.
+bool nodes_in_range(const TrieView& trie, Address status) {
+  int32_t flags = kOk;
+  for (int32_t n = 0; n < trie.num_nodes; ++n) flags |= check_node(trie, n);
+  raise_status(status, flags);
+  return flags == kOk;
+}
+
 }  // namespace
 
 // On one thread, visiting node ids from high to low is bottom-up (children have larger ids), so
@@ -27,6 +36,7 @@ void raise_status(Address status, int32_t flags) { *at<int32_t>(status) |= flags
 void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
                int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address status,
                Address exec) {
+  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     const T* rewards = at<const T>(log_rewards);
@@ -50,7 +60,9 @@ void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address 
 
 void log_flows_backward(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
                         Address grad_flows, Address adjoint, Address grad_log_rewards,
-                        int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address exec) {
+                        int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address status,
+                        Address exec) {
+  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     const int64_t nodes = trie.num_nodes, items = trie.num_items;
@@ -123,7 +135,7 @@ void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int6
           flags |= kNodeOutOfRange;
           continue;
         }
-        const int32_t count = child_count(trie, static_cast<int32_t>(node));
+        const int32_t count = child_count(trie, static_cast<int32_t>(node), flags);
         for (int32_t k = 0; k < count; ++k) {
           flags |= set_child_bit(trie, static_cast<int32_t>(node), k, vocab_size, row);
         }
@@ -160,7 +172,7 @@ void child_counts(const TrieView& trie, int32_t node_bytes, Address nodes, int64
         const Index node = at<const Index>(nodes)[k];
         const bool valid = valid_node_or_none(node, trie.num_nodes);
         if (!valid) flags |= kNodeOutOfRange;
-        at<int64_t>(counts)[k] = valid ? child_count(trie, static_cast<int32_t>(node)) : 0;
+        at<int64_t>(counts)[k] = valid ? child_count(trie, static_cast<int32_t>(node), flags) : 0;
       }
       return flags;
     }));
@@ -246,7 +258,8 @@ void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t r
 // Ascending node ids are top-down and descending ones bottom-up (children have larger ids than
 // their parent), so the tree passes need no level boundaries here either.
 void path_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
-               const std::vector<int32_t>& /*level_ptr*/, Address exec) {
+               const std::vector<int32_t>& /*level_ptr*/, Address status, Address exec) {
+  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     const int64_t nodes = trie.num_nodes;
@@ -265,7 +278,8 @@ void path_sums(const TrieView& trie, int32_t real, Address values, Address sums,
 }
 
 void subtree_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
-                  const std::vector<int32_t>& /*level_ptr*/, Address exec) {
+                  const std::vector<int32_t>& /*level_ptr*/, Address status, Address exec) {
+  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     const int64_t nodes = trie.num_nodes;
@@ -285,7 +299,8 @@ void subtree_sums(const TrieView& trie, int32_t real, Address values, Address su
 
 // subtree_size arrives filled with ones (each node counts itself) and is summed in place.
 void preorder(const TrieView& trie, Address subtree_size, Address rank,
-              const std::vector<int32_t>& /*level_ptr*/, Address /*exec*/) {
+              const std::vector<int32_t>& /*level_ptr*/, Address status, Address /*exec*/) {
+  if (!nodes_in_range(trie, status)) return;
   int64_t* size = at<int64_t>(subtree_size);
   for (int32_t n = trie.num_nodes - 1; n >= 0; --n) subtree_sum_node(trie, size, size, n);
   for (int32_t n = 0; n < trie.num_nodes; ++n) preorder_children(trie, size, at<int64_t>(rank), n);

@@ -65,7 +65,11 @@ __global__ void log_flows_level(TrieView trie, const T* log_rewards, T* flows, i
   for (int64_t i = first_index(); i < count; i += index_stride()) {
     const int64_t b = i / level_size;
     const int32_t n = level_begin + static_cast<int32_t>(i % level_size);
-    flags |= log_flow_node(trie, log_rewards + b * trie.num_items, flows + b * trie.num_nodes, n);
+    const int32_t problems = check_node(trie, n);
+    flags |= problems;
+    if (problems == kOk) {
+      flags |= log_flow_node(trie, log_rewards + b * trie.num_items, flows + b * trie.num_nodes, n);
+    }
   }
   report(status, flags);
 }
@@ -73,15 +77,22 @@ __global__ void log_flows_level(TrieView trie, const T* log_rewards, T* flows, i
 template <typename T>
 __global__ void log_flows_backward_level(TrieView trie, const T* log_rewards, const T* flows,
                                          const T* grad_flows, T* adjoint, T* grad_log_rewards,
-                                         int64_t batch, int32_t level_begin, int32_t level_size) {
+                                         int64_t batch, int32_t level_begin, int32_t level_size,
+                                         int32_t* status) {
   const int64_t count = batch * level_size;
+  int32_t flags = kOk;
   for (int64_t i = first_index(); i < count; i += index_stride()) {
     const int64_t b = i / level_size;
     const int32_t n = level_begin + static_cast<int32_t>(i % level_size);
     const int64_t nodes = b * trie.num_nodes, items = b * trie.num_items;
-    log_flow_backward_node(trie, log_rewards + items, flows + nodes, grad_flows + nodes,
-                           adjoint + nodes, grad_log_rewards + items, n);
+    const int32_t problems = check_node(trie, n);
+    flags |= problems;
+    if (problems == kOk) {
+      log_flow_backward_node(trie, log_rewards + items, flows + nodes, grad_flows + nodes,
+                             adjoint + nodes, grad_log_rewards + items, n);
+    }
   }
+  report(status, flags);
 }
 
 template <typename Token>
@@ -122,7 +133,7 @@ __global__ void set_child_bits(TrieView trie, const Index* nodes, int64_t batch,
       if (threadIdx.x == 0) flags |= kNodeOutOfRange;
       continue;
     }
-    const int32_t count = child_count(trie, static_cast<int32_t>(node));
+    const int32_t count = child_count(trie, static_cast<int32_t>(node), flags);
     for (int32_t k = static_cast<int32_t>(threadIdx.x); k < count;
          k += static_cast<int32_t>(blockDim.x)) {
       flags |= set_child_bit(trie, static_cast<int32_t>(node), k, vocab_size, bitmask + b * words);
@@ -150,7 +161,7 @@ __global__ void child_count_elements(TrieView trie, const Index* nodes, int64_t 
     const Index node = nodes[k];
     const bool valid = valid_node_or_none(node, trie.num_nodes);
     if (!valid) flags |= kNodeOutOfRange;
-    counts[k] = valid ? child_count(trie, static_cast<int32_t>(node)) : 0;
+    counts[k] = valid ? child_count(trie, static_cast<int32_t>(node), flags) : 0;
   }
   report(status, flags);
 }
@@ -224,31 +235,44 @@ __global__ void guide_elements(TrieView trie, Logit* logits, int64_t row_stride,
 
 template <typename T>
 __global__ void path_sums_level(TrieView trie, const T* values, T* sums, int64_t batch,
-                                int32_t level_begin, int32_t level_size) {
+                                int32_t level_begin, int32_t level_size, int32_t* status) {
   const int64_t count = batch * level_size;
+  int32_t flags = kOk;
   for (int64_t i = first_index(); i < count; i += index_stride()) {
     const int64_t row = i / level_size * trie.num_nodes;
     const int32_t n = level_begin + static_cast<int32_t>(i % level_size);
-    path_sum_node(trie, values + row, sums + row, n);
+    const int32_t problems = check_node(trie, n);
+    flags |= problems;
+    if (problems == kOk) path_sum_node(trie, values + row, sums + row, n);
   }
+  report(status, flags);
 }
 
 template <typename T>
 __global__ void subtree_sums_level(TrieView trie, const T* values, T* sums, int64_t batch,
-                                   int32_t level_begin, int32_t level_size) {
+                                   int32_t level_begin, int32_t level_size, int32_t* status) {
   const int64_t count = batch * level_size;
+  int32_t flags = kOk;
   for (int64_t i = first_index(); i < count; i += index_stride()) {
     const int64_t row = i / level_size * trie.num_nodes;
     const int32_t n = level_begin + static_cast<int32_t>(i % level_size);
-    subtree_sum_node(trie, values + row, sums + row, n);
+    const int32_t problems = check_node(trie, n);
+    flags |= problems;
+    if (problems == kOk) subtree_sum_node(trie, values + row, sums + row, n);
   }
+  report(status, flags);
 }
 
 __global__ void preorder_level(TrieView trie, const int64_t* subtree_size, int64_t* rank,
-                               int32_t level_begin, int32_t level_size) {
+                               int32_t level_begin, int32_t level_size, int32_t* status) {
+  int32_t flags = kOk;
   for (int64_t i = first_index(); i < level_size; i += index_stride()) {
-    preorder_children(trie, subtree_size, rank, level_begin + static_cast<int32_t>(i));
+    const int32_t n = level_begin + static_cast<int32_t>(i);
+    const int32_t problems = check_node(trie, n);
+    flags |= problems;
+    if (problems == kOk) preorder_children(trie, subtree_size, rank, n);
   }
+  report(status, flags);
 }
 
 // Calls launch(level_begin, level_size) for every non-empty depth level, root first when
@@ -294,7 +318,8 @@ void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address 
 // The adjoint recursion reads the parent's adjoint, so levels go top-down, root first.
 void log_flows_backward(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
                         Address grad_flows, Address adjoint, Address grad_log_rewards,
-                        int64_t batch, const std::vector<int32_t>& level_ptr, Address exec) {
+                        int64_t batch, const std::vector<int32_t>& level_ptr, Address status,
+                        Address exec) {
   check_levels(level_ptr, trie.num_nodes);
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
@@ -304,7 +329,8 @@ void log_flows_backward(const TrieView& trie, int32_t real, Address log_rewards,
       if (count == 0) continue;
       log_flows_backward_level<T><<<blocks_for(count), kThreads, 0, stream_of(exec)>>>(
           trie, at<const T>(log_rewards), at<const T>(flows), at<const T>(grad_flows),
-          at<T>(adjoint), at<T>(grad_log_rewards), batch, level_ptr[d], level_size);
+          at<T>(adjoint), at<T>(grad_log_rewards), batch, level_ptr[d], level_size,
+          at<int32_t>(status));
       check_launch("log_flows_backward");
     }
   });
@@ -441,26 +467,28 @@ void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t r
 }
 
 void path_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
-               const std::vector<int32_t>& level_ptr, Address exec) {
+               const std::vector<int32_t>& level_ptr, Address status, Address exec) {
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     if (batch == 0) return;
     for_each_level(level_ptr, trie.num_nodes, true, [&](int32_t level_begin, int32_t level_size) {
       path_sums_level<T><<<blocks_for(batch * level_size), kThreads, 0, stream_of(exec)>>>(
-          trie, at<const T>(values), at<T>(sums), batch, level_begin, level_size);
+          trie, at<const T>(values), at<T>(sums), batch, level_begin, level_size,
+          at<int32_t>(status));
       check_launch("path_sums");
     });
   });
 }
 
 void subtree_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
-                  const std::vector<int32_t>& level_ptr, Address exec) {
+                  const std::vector<int32_t>& level_ptr, Address status, Address exec) {
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     if (batch == 0) return;
     for_each_level(level_ptr, trie.num_nodes, false, [&](int32_t level_begin, int32_t level_size) {
       subtree_sums_level<T><<<blocks_for(batch * level_size), kThreads, 0, stream_of(exec)>>>(
-          trie, at<const T>(values), at<T>(sums), batch, level_begin, level_size);
+          trie, at<const T>(values), at<T>(sums), batch, level_begin, level_size,
+          at<int32_t>(status));
       check_launch("subtree_sums");
     });
   });
@@ -468,16 +496,16 @@ void subtree_sums(const TrieView& trie, int32_t real, Address values, Address su
 
 // subtree_size arrives filled with ones (each node counts itself) and is summed in place.
 void preorder(const TrieView& trie, Address subtree_size, Address rank,
-              const std::vector<int32_t>& level_ptr, Address exec) {
+              const std::vector<int32_t>& level_ptr, Address status, Address exec) {
   int64_t* size = at<int64_t>(subtree_size);
   for_each_level(level_ptr, trie.num_nodes, false, [&](int32_t level_begin, int32_t level_size) {
     subtree_sums_level<int64_t><<<blocks_for(level_size), kThreads, 0, stream_of(exec)>>>(
-        trie, size, size, 1, level_begin, level_size);
+        trie, size, size, 1, level_begin, level_size, at<int32_t>(status));
     check_launch("preorder");
   });
   for_each_level(level_ptr, trie.num_nodes, true, [&](int32_t level_begin, int32_t level_size) {
     preorder_level<<<blocks_for(level_size), kThreads, 0, stream_of(exec)>>>(
-        trie, size, at<int64_t>(rank), level_begin, level_size);
+        trie, size, at<int64_t>(rank), level_begin, level_size, at<int32_t>(status));
     check_launch("preorder");
   });
 }
