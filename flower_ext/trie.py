@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -250,11 +251,20 @@ class Trie:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
+        # A FIFO would block the open and a device could be endless; a directory is no trie.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{path} is not a regular file")
         try:
             with safe_open(path, framework="numpy") as handle:
                 metadata = handle.metadata() or {}
                 names = set(handle.keys())
-                arrays = {name: handle.get_tensor(name) for name in _SAVED_ARRAYS if name in names}
+                dtypes = {
+                    name: handle.get_slice(name).get_dtype() for name in _SAVED_ARRAYS if name in names
+                }
+                # Only int32 arrays are read: numpy has no bfloat16 or float8 to read others into.
+                arrays = {
+                    name: handle.get_tensor(name) for name, dtype in dtypes.items() if dtype == "I32"
+                }
         except (SafetensorError, OSError, ValueError) as error:
             if isinstance(error, FileNotFoundError):
                 raise
@@ -269,7 +279,10 @@ class Trie:
         for name in _SAVED_ARRAYS:
             array = arrays.get(name)
             if array is None or array.dtype != np.int32 or array.ndim != 1:
-                raise ValueError(f"{path}: array {name!r} is missing or not 1-D int32")
+                raise ValueError(
+                    f"{path}: array {name!r} is missing or not 1-D int32 "
+                    f"(dtype {dtypes.get(name, 'none')})"
+                )
         try:
             return cls._from_arrays(arrays["parent"], arrays["token"], arrays["item_node"], device)
         except ValueError as error:
