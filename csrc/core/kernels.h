@@ -343,6 +343,22 @@ FLOWER_HD void apply_bitmask_word(Bits* logits_row, const uint32_t* mask_row, in
 // ---------------------------------------------------------------------------------------------
 // children of path nodes, as CSR
 
+// The number of children of `node` that child_entry copies out, once their tokens are found to
+// rise from 0 as sorted siblings' do (a corrupted trie's would be copied out unnoticed).
+FLOWER_HD int32_t listed_child_count(const TrieView& trie, int32_t node, int32_t& status) {
+  if (node < 0) return 0;
+  const IdRange children = children_of(trie, node, status);
+  int64_t previous = -1;
+  for (int32_t c = children.begin; c < children.end; ++c) {
+    if (trie.token[c] <= previous) {
+      status |= kTrieCorrupt;
+      return 0;
+    }
+    previous = trie.token[c];
+  }
+  return children.end - children.begin;
+}
+
 FLOWER_HD void child_entry(const TrieView& trie, int32_t node, int64_t k, int32_t* child_token,
                            int32_t* child_node) {
   const int32_t child = trie.child_ptr[node] + static_cast<int32_t>(k);

@@ -172,7 +172,7 @@ void child_counts(const TrieView& trie, int32_t node_bytes, Address nodes, int64
         const Index node = at<const Index>(nodes)[k];
         const bool valid = valid_node_or_none(node, trie.num_nodes);
         if (!valid) flags |= kNodeOutOfRange;
-        at<int64_t>(counts)[k] = valid ? child_count(trie, static_cast<int32_t>(node), flags) : 0;
+        at<int64_t>(counts)[k] = valid ? listed_child_count(trie, static_cast<int32_t>(node), flags) : 0;
       }
       return flags;
     }));

@@ -161,7 +161,7 @@ __global__ void child_count_elements(TrieView trie, const Index* nodes, int64_t 
     const Index node = nodes[k];
     const bool valid = valid_node_or_none(node, trie.num_nodes);
     if (!valid) flags |= kNodeOutOfRange;
-    counts[k] = valid ? child_count(trie, static_cast<int32_t>(node), flags) : 0;
+    counts[k] = valid ? listed_child_count(trie, static_cast<int32_t>(node), flags) : 0;
   }
   report(status, flags);
 }
