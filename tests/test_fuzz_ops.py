@@ -119,8 +119,13 @@ def op_calls(trie: Trie, sequences: list[list[int]]) -> dict:
     length = max(map(len, sequences))
     tokens = torch.tensor([s + [SMALL_END] * (length - len(s)) for s in sequences])
     lengths = torch.tensor([len(s) for s in sequences])
-    path = torch.cat([torch.zeros(len(sequences), 1, dtype=torch.int32),
-                      ops.walk(trie.data, trie.layout, tokens, lengths)], dim=1)
+    path = torch.cat(
+        [
+            torch.zeros(len(sequences), 1, dtype=torch.int32),
+            ops.walk(trie.data, trie.layout, tokens, lengths),
+        ],
+        dim=1,
+    )
     beta = torch.tensor(0.5)
 
     def in_place(op, *args):
@@ -128,21 +133,30 @@ def op_calls(trie: Trie, sequences: list[list[int]]) -> dict:
             out = logits.clone()
             op(data, layout, out, *args)
             return out
+
         return call
 
+    advance_nodes = nodes.repeat(3)
+    advance_tokens = torch.arange(3).repeat_interleave(n + 1)
     return {
-        "log_flows": lambda d, l: ops.log_flows(d, l, rewards),
-        "log_flows_backward": lambda d, l: ops.log_flows_backward(d, l, rewards, flows, grad_flows),
-        "walk": lambda d, l: ops.walk(d, l, tokens, lengths),
-        "advance": lambda d, l: ops.advance(d, l, nodes.repeat(3), torch.arange(3).repeat_interleave(n + 1)),
-        "token_bitmask": lambda d, l: ops.token_bitmask(d, l, nodes, SMALL_VOCAB, SMALL_END),
+        "log_flows": lambda data, layout: ops.log_flows(data, layout, rewards),
+        "log_flows_backward": lambda data, layout: ops.log_flows_backward(
+            data, layout, rewards, flows, grad_flows
+        ),
+        "walk": lambda data, layout: ops.walk(data, layout, tokens, lengths),
+        "advance": lambda data, layout: ops.advance(data, layout, advance_nodes, advance_tokens),
+        "token_bitmask": lambda data, layout: ops.token_bitmask(
+            data, layout, nodes, SMALL_VOCAB, SMALL_END
+        ),
         "mask_logits_": in_place(ops.mask_logits_, nodes, SMALL_END),
         "guide_logits_": in_place(ops.guide_logits_, nodes, flows[0].float(), beta, SMALL_END),
-        "children": lambda d, l: ops.children(d, l, nodes),
-        "transition_log_probs": lambda d, l: ops.transition_log_probs(d, l, flows[0], path, SMALL_END),
-        "preorder": lambda d, l: ops.preorder(d, l),
-        "path_sums": lambda d, l: ops.path_sums(d, l, grad_flows),
-        "subtree_sums": lambda d, l: ops.subtree_sums(d, l, grad_flows),
+        "children": lambda data, layout: ops.children(data, layout, nodes),
+        "transition_log_probs": lambda data, layout: ops.transition_log_probs(
+            data, layout, flows[0], path, SMALL_END
+        ),
+        "preorder": lambda data, layout: ops.preorder(data, layout),
+        "path_sums": lambda data, layout: ops.path_sums(data, layout, grad_flows),
+        "subtree_sums": lambda data, layout: ops.subtree_sums(data, layout, grad_flows),
     }
 
 
@@ -150,7 +164,13 @@ def out_of_range(trie: Trie, index: int, value: int) -> bool:
     """Whether ``value`` at ``index`` of the packed trie lies outside the range of its array
     (token [-1, 2^31), parent [-1, N), child_ptr [0, N], item_ptr [0, I], item_list [0, I))."""
     n, i = trie.num_nodes, trie.num_items
-    for size, low, high in [(n, -1, 2**31), (n, -1, n), (n + 1, 0, n + 1), (n + 1, 0, i + 1), (i, 0, i)]:
+    for size, low, high in [
+        (n, -1, 2**31),
+        (n, -1, n),
+        (n + 1, 0, n + 1),
+        (n + 1, 0, i + 1),
+        (i, 0, i),
+    ]:
         if index < size:
             return not low <= value < high
         index -= size
@@ -191,8 +211,14 @@ def test_corrupted_packed_trie_gives_intact_result_or_value_error(catalog, mutat
         got = got if isinstance(got, tuple) else (got,)
         if detectable:
             for want, have in zip(expected, got):
-                torch.testing.assert_close(have, want, rtol=0, atol=0, equal_nan=True,
-                                           msg=lambda m: f"{name} after {mutations}: {m}")
+                torch.testing.assert_close(
+                    have,
+                    want,
+                    rtol=0,
+                    atol=0,
+                    equal_nan=True,
+                    msg=f"{name} after {mutations} differs from the intact trie's result",
+                )
         elif name != "children":  # children's output size depends on the data
             assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in expected]
 
@@ -249,7 +275,10 @@ def test_log_flows_backward_checks_its_arguments(flows_shape, grad_shape, dtype,
     rewards = torch.zeros(trie.num_items, dtype=torch.float64)
     with pytest.raises(ValueError, match=f"flower_ext.log_flows_backward: {problem}"):
         ops.log_flows_backward(
-            trie.data, trie.layout, rewards, torch.zeros(flows_shape, dtype=dtype),
+            trie.data,
+            trie.layout,
+            rewards,
+            torch.zeros(flows_shape, dtype=dtype),
             torch.zeros(grad_shape, dtype=torch.float64),
         )
 
@@ -331,8 +360,16 @@ def saved_trie(tmp_path):
 @pytest.mark.parametrize("name", ["parent", "token", "item_node"])
 @pytest.mark.parametrize(
     "dtype",
-    [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.bool, torch.float16,
-     torch.uint8, torch.int64, torch.complex64],
+    [
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.bool,
+        torch.float16,
+        torch.uint8,
+        torch.int64,
+        torch.complex64,
+    ],
 )
 def test_load_rejects_every_other_dtype_naming_the_array(saved_trie, name, dtype):
     path, arrays, metadata = saved_trie
@@ -352,7 +389,9 @@ def test_load_refuses_special_files_before_opening(tmp_path):
 
 
 @settings(max_examples=80)
-@given(edits=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), min_size=1, max_size=4))
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), min_size=1, max_size=4)
+)
 def test_load_mutated_file_is_rejected_or_valid(saved_trie_bytes, edits):
     """Byte edits, mostly in the 8-byte header size and the JSON header (dtypes, shapes,
     offsets, metadata): each load raises ValueError or returns a trie that passed validation."""
