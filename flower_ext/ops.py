@@ -132,6 +132,9 @@ def _check_index(op: str, name: str, tensor: Tensor) -> None:
 
 def _check_trie(op: str, trie_data: Tensor, layout: list[int]) -> None:
     _check(trie_data.dtype == torch.int32 and trie_data.dim() == 1, op, "trie_data must be 1-D int32")
+    # The kernels read the arrays from its address on: an expanded or strided view would send
+    # them past its storage.
+    _check(trie_data.is_contiguous(), op, "trie_data must be contiguous (Trie.data is)")
     level_ptr = layout[1:]
     _check(
         len(layout) >= 3

@@ -84,6 +84,9 @@ def test_former_crash_cases_raise_value_errors(tmp_path):
         attempt("other layout", lambda: ops.log_flows(long.data, wide.layout, torch.zeros(5)))
         attempt("other layout path_sums", lambda: ops.path_sums(long.data, wide.layout, torch.ones(3)))
 
+        expanded = torch.zeros(1, dtype=torch.int32).expand(trie.data.numel())
+        attempt("expanded data", lambda: ops.preorder(expanded, trie.layout))
+
         for path in ({str(fifo)!r}, {str(tmp_path)!r}, "/dev/zero"):
             attempt("file " + path, lambda: Trie.load(path))
         """
@@ -95,6 +98,7 @@ def test_former_crash_cases_raise_value_errors(tmp_path):
         "backward sizes raised flower_ext.log_flows_backward: flows must be",
         f"other layout raised flower_ext.log_flows: {corrupted}",
         f"other layout path_sums raised flower_ext.path_sums: {corrupted}",
+        "expanded data raised flower_ext.preorder: trie_data must be contiguous",
         f"file {fifo} raised {fifo} is not a regular file",
         f"file {tmp_path} raised {tmp_path} is not a regular file",
         "file /dev/zero raised /dev/zero is not a regular file",
