@@ -30,3 +30,30 @@ def device(request) -> torch.device:
     """Every device the ops can run on here. Session-scoped so that hypothesis tests may use it
     (it is an immutable value, the same for every generated example)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """A small synthetic dataset folder (60 items, 300 users), made by the CLI."""
+    from flower_rec.cli import main
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    assert main(["prepare", "synthetic", "--items", "60", "--users", "300", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(dataset_dir, tmp_path_factory):
+    """A tiny untrained Llama (seeded) and a BPE tokenizer trained on the dataset, saved like a
+    run."""
+    from flower_rec.data import load_dataset
+    from flower_rec.models import corpus, tiny_llama, train_tokenizer
+
+    out = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(corpus(load_dataset(dataset_dir)), vocab_size=400)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

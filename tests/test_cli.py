@@ -6,24 +6,6 @@ import pytest
 
 from flower_rec.cli import main
 from flower_rec.data import load_dataset
-from flower_rec.models import corpus, tiny_llama, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert main(["prepare", "synthetic", "--items", "60", "--users", "300", "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def model_dir(dataset_dir, tmp_path_factory):
-    """A tiny untrained Llama and a BPE tokenizer trained on the dataset, saved like a run."""
-    out = tmp_path_factory.mktemp("model")
-    tokenizer = train_tokenizer(corpus(load_dataset(dataset_dir)), vocab_size=400)
-    tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_stats_json(dataset_dir, capsys):

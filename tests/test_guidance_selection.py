@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from flower_rec.cli import main
 from flower_rec.data import load_dataset
@@ -18,27 +17,7 @@ from flower_rec.guidance_selection import (
     select_guidance,
     sweep_method,
 )
-from flower_rec.models import corpus, tiny_llama, train_tokenizer
 from flower_rec.prompts import build_prompt
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert main(["prepare", "synthetic", "--items", "60", "--users", "300", "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def model_dir(dataset_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model")
-    tokenizer = train_tokenizer(corpus(load_dataset(dataset_dir)), vocab_size=400)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
