@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,9 @@ def run_isolated(code: str) -> str:
         capture_output=True,
         text=True,
         timeout=120,
+        # `python -c` puts its working folder first on sys.path: from the checkout's root the
+        # source folder flower_ext/ (no compiled module) would shadow the installed package.
+        cwd=Path(__file__).resolve().parent,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"exit status {result.returncode}:\n{output}"
