@@ -163,7 +163,6 @@ def make_objective(setup: Setup, method: str, flow_loss: str = "subtb"):
     config = setup.config
     return FlowerObjective(
         setup.catalog,
-        setup.tokenizer,
         method=method,
         eos_token_id=setup.tokenizer.eos_token_id,
         theta=config.theta,

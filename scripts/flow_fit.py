@@ -34,7 +34,7 @@ from flower_rec.train import FlowerObjective, RecommendationCollator, encode_sam
 def fit(setup: dict, flow_loss: str, theta: float, steps: int, lr: float) -> dict[str, float]:
     tokenizer, catalog, batch = setup["tokenizer"], setup["catalog"], setup["batch"]
     objective = FlowerObjective(
-        catalog, tokenizer, method="flower", eos_token_id=tokenizer.eos_token_id, theta=theta,
+        catalog, method="flower", eos_token_id=tokenizer.eos_token_id, theta=theta,
         flow_loss=flow_loss, rewards=setup["rewards"], reward_variant="logp",
     )
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)

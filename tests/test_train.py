@@ -97,7 +97,7 @@ def objective(dataset, tokenizer, catalog, **options) -> FlowerObjective:
     options.setdefault("eos_token_id", tokenizer.eos_token_id)
     if options.get("method") == "flower":
         options.setdefault("rewards", PopularityRewards.from_dataset(dataset))
-    return FlowerObjective(catalog, tokenizer, **options)
+    return FlowerObjective(catalog, **options)
 
 
 def fake_probabilities(num_samples: int, num_items: int, seed: int = 0) -> torch.Tensor:

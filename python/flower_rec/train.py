@@ -499,7 +499,6 @@ class FlowerObjective:
 
     Args:
         catalog: the items (:class:`flower_rec.decoding.Catalog`, the decoding trie).
-        tokenizer: the model's tokenizer.
         method: ``"sft"`` or ``"flower"``.
         eos_token_id: the token that ends every item (SFT target and ⊤ of the losses).
         theta: SFT weight of the flower loss.
@@ -512,7 +511,6 @@ class FlowerObjective:
     def __init__(
         self,
         catalog: Catalog,
-        tokenizer,
         *,
         method: str = "sft",
         eos_token_id: int,
@@ -537,7 +535,6 @@ class FlowerObjective:
                 "terminate items"
             )
         self.catalog = catalog
-        self.tokenizer = tokenizer
         self.method = method
         self.eos = int(eos_token_id)
         self.theta = float(theta)
@@ -1094,7 +1091,6 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         raise TrainConfigError(f"max_prompt_tokens: {error}") from None
     objective = FlowerObjective(
         catalog,
-        tokenizer,
         method=config.method,
         eos_token_id=tokenizer.eos_token_id,
         theta=config.theta,
