@@ -29,32 +29,41 @@ bool nodes_in_range(const TrieView& trie, Address status) {
   return flags == kOk;
 }
 
+// The node passes (the flows, their backward, path and subtree sums): checks every node's
+// entries once, then calls visit(b, n) for every row b and node n, nodes top-down (ascending
+// ids: children have larger ids than their parent, so the CPU needs no level boundaries) or
+// bottom-up, rows swept in blocks of kRowBlock so that the trie arrays are read once per block.
+// The status word gets the OR of the visits' flags.
+template <typename Visit>
+void sweep_nodes(const TrieView& trie, int64_t batch, int64_t work_per_row, bool top_down,
+                 Address status, Address exec, Visit visit) {
+  if (!nodes_in_range(trie, status)) return;
+  raise_status(status, parallel_for(batch, exec, rows_per_thread(work_per_row),
+                                    [&](int64_t begin, int64_t end) {
+    int32_t flags = kOk;
+    for (int64_t block = begin; block < end; block += kRowBlock) {
+      const int64_t block_end = std::min(end, block + kRowBlock);
+      for (int32_t k = 0; k < trie.num_nodes; ++k) {
+        const int32_t n = top_down ? k : trie.num_nodes - 1 - k;
+        for (int64_t b = block; b < block_end; ++b) flags |= visit(b, n);
+      }
+    }
+    return flags;
+  }));
+}
+
 }  // namespace
 
-// On one thread, visiting node ids from high to low is bottom-up (children have larger ids), so
-// the CPU needs no level boundaries.
 void log_flows(const TrieView& trie, int32_t real, Address log_rewards, Address flows,
                int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address status,
                Address exec) {
-  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
-    const T* rewards = at<const T>(log_rewards);
-    T* out = at<T>(flows);
     const int64_t nodes = trie.num_nodes, items = trie.num_items;
-    raise_status(status, parallel_for(batch, exec, rows_per_thread(nodes + items),
-                                      [&](int64_t begin, int64_t end) {
-      int32_t flags = kOk;
-      for (int64_t block = begin; block < end; block += kRowBlock) {
-        const int64_t block_end = std::min(end, block + kRowBlock);
-        for (int32_t n = trie.num_nodes - 1; n >= 0; --n) {
-          for (int64_t b = block; b < block_end; ++b) {
-            flags |= log_flow_node(trie, rewards + b * items, out + b * nodes, n);
-          }
-        }
-      }
-      return flags;
-    }));
+    sweep_nodes(trie, batch, nodes + items, false, status, exec, [&](int64_t b, int32_t n) {
+      return log_flow_node(trie, at<const T>(log_rewards) + b * items, at<T>(flows) + b * nodes,
+                           n);
+    });
   });
 }
 
@@ -62,22 +71,13 @@ void log_flows_backward(const TrieView& trie, int32_t real, Address log_rewards,
                         Address grad_flows, Address adjoint, Address grad_log_rewards,
                         int64_t batch, const std::vector<int32_t>& /*level_ptr*/, Address status,
                         Address exec) {
-  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     const int64_t nodes = trie.num_nodes, items = trie.num_items;
-    parallel_for(batch, exec, rows_per_thread(nodes + items), [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; block += kRowBlock) {
-        const int64_t block_end = std::min(end, block + kRowBlock);
-        for (int32_t n = 0; n < trie.num_nodes; ++n) {
-          for (int64_t b = block; b < block_end; ++b) {
-            log_flow_backward_node(trie, at<const T>(log_rewards) + b * items,
-                                   at<const T>(flows) + b * nodes,
-                                   at<const T>(grad_flows) + b * nodes, at<T>(adjoint) + b * nodes,
-                                   at<T>(grad_log_rewards) + b * items, n);
-          }
-        }
-      }
+    sweep_nodes(trie, batch, nodes + items, true, status, exec, [&](int64_t b, int32_t n) {
+      log_flow_backward_node(trie, at<const T>(log_rewards) + b * items,
+                             at<const T>(flows) + b * nodes, at<const T>(grad_flows) + b * nodes,
+                             at<T>(adjoint) + b * nodes, at<T>(grad_log_rewards) + b * items, n);
       return int32_t{kOk};
     });
   });
@@ -255,23 +255,13 @@ void guide_logits(const TrieView& trie, int32_t logit, Address logits, int64_t r
   });
 }
 
-// Ascending node ids are top-down and descending ones bottom-up (children have larger ids than
-// their parent), so the tree passes need no level boundaries here either.
 void path_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
                const std::vector<int32_t>& /*level_ptr*/, Address status, Address exec) {
-  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     const int64_t nodes = trie.num_nodes;
-    parallel_for(batch, exec, rows_per_thread(nodes), [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; block += kRowBlock) {
-        const int64_t block_end = std::min(end, block + kRowBlock);
-        for (int32_t n = 0; n < trie.num_nodes; ++n) {
-          for (int64_t b = block; b < block_end; ++b) {
-            path_sum_node(trie, at<const T>(values) + b * nodes, at<T>(sums) + b * nodes, n);
-          }
-        }
-      }
+    sweep_nodes(trie, batch, nodes, true, status, exec, [&](int64_t b, int32_t n) {
+      path_sum_node(trie, at<const T>(values) + b * nodes, at<T>(sums) + b * nodes, n);
       return int32_t{kOk};
     });
   });
@@ -279,19 +269,11 @@ void path_sums(const TrieView& trie, int32_t real, Address values, Address sums,
 
 void subtree_sums(const TrieView& trie, int32_t real, Address values, Address sums, int64_t batch,
                   const std::vector<int32_t>& /*level_ptr*/, Address status, Address exec) {
-  if (!nodes_in_range(trie, status)) return;
   dispatch_real(real, [&](auto zero) {
     using T = decltype(zero);
     const int64_t nodes = trie.num_nodes;
-    parallel_for(batch, exec, rows_per_thread(nodes), [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; block += kRowBlock) {
-        const int64_t block_end = std::min(end, block + kRowBlock);
-        for (int32_t n = trie.num_nodes - 1; n >= 0; --n) {
-          for (int64_t b = block; b < block_end; ++b) {
-            subtree_sum_node(trie, at<const T>(values) + b * nodes, at<T>(sums) + b * nodes, n);
-          }
-        }
-      }
+    sweep_nodes(trie, batch, nodes, false, status, exec, [&](int64_t b, int32_t n) {
+      subtree_sum_node(trie, at<const T>(values) + b * nodes, at<T>(sums) + b * nodes, n);
       return int32_t{kOk};
     });
   });
