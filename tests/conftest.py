@@ -9,9 +9,10 @@ import os
 
 import pytest
 import torch
+from flower_ext import Trie
 from hypothesis import HealthCheck, settings
 
-from strategies import DEVICES
+from strategies import DEVICES, SAMPLE
 
 # "default" keeps the whole suite within a few minutes on two CPU cores; "thorough" is for a
 # nightly run: HYPOTHESIS_PROFILE=thorough python -m pytest tests
@@ -30,6 +31,21 @@ def device(request) -> torch.device:
     """Every device the ops can run on here. Session-scoped so that hypothesis tests may use it
     (it is an immutable value, the same for every generated example)."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def sample(device) -> Trie:
+    """The fixed catalog ``strategies.SAMPLE`` on each device."""
+    return Trie.from_sequences(SAMPLE, device=device)
+
+
+@pytest.fixture
+def four_threads():
+    """Four CPU threads, so that the CPU launchers split large batches between workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -167,3 +167,9 @@ def prior_log_flows(
     shape = (ref.num_items,) if batch is None else (batch, ref.num_items)
     rewards = draw(log_reward_tensors(shape, dtype, allow_zero_rewards))
     return reference.log_flows(ref, rewards)
+
+
+# A small fixed catalog: items 0 and 3 are duplicates, item 1 is a terminated prefix of item 0,
+# item 5 an unterminated prefix of item 4; token 0 terminates. Nodes: 0 root, 1 [1], 2 [3],
+# 3 [1 0], 4 [1 2], 5 [3 0], 6 [3 4], 7 [1 2 0], 8 [3 4 5].
+SAMPLE = [[1, 2, 0], [1, 0], [3, 0], [1, 2, 0], [3, 4, 5], [3, 4]]

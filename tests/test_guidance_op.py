@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from strategies import (
     BATCH_SIZES,
     DEVICES,
+    SAMPLE,
     SEEDS,
     SMALL_VOCAB,
     Catalog,
@@ -37,16 +38,7 @@ BETA_KINDS = st.sampled_from(["number", "0-d", "per row"])
 # (strided rows, and memory beside them that must stay untouched).
 STRIDED = (slice(None), -1, slice(0, SMALL_VOCAB))
 
-# Items 0 and 3 are duplicates, item 1 is a terminated prefix of item 0, item 5 an unterminated
-# prefix of item 4. Nodes: 0 root, 1 [1], 2 [3], 3 [1 0], 4 [1 2], 5 [3 0], 6 [3 4], 7 [1 2 0],
-# 8 [3 4 5].
-SAMPLE = [[1, 2, 0], [1, 0], [3, 0], [1, 2, 0], [3, 4, 5], [3, 4]]
-NUM_NODES = 9
-
-
-@pytest.fixture
-def sample(device) -> Trie:
-    return Trie.from_sequences(SAMPLE, device=device)
+NUM_NODES = 9  # of strategies.SAMPLE
 
 
 def sample_flows(trie: Trie, batch: int | None = None) -> torch.Tensor:
@@ -173,14 +165,6 @@ def test_16_bit_rounding_matches_torch(device, dtype):
     assert torch.equal(torch.isnan(guided.cpu()), torch.isnan(expected))
     finite = ~torch.isnan(expected)
     assert torch.equal(bits(guided.cpu())[finite], bits(expected)[finite])
-
-
-@pytest.fixture
-def four_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_threaded_cpu_launcher(four_threads):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from strategies import (
     BATCH_SIZES,
+    SAMPLE,
     SEEDS,
     SMALL_VOCAB,
     Catalog,
@@ -34,15 +35,7 @@ FLOW_TOLERANCE = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
 }
 
-# Fixed inputs for opcheck, gradcheck and torch.compile: items 0 and 3 are duplicates, item 1 is
-# a terminated prefix of item 0, item 5 an unterminated prefix of item 4. Token 0 terminates.
-SAMPLE = [[1, 2, 0], [1, 0], [3, 0], [1, 2, 0], [3, 4, 5], [3, 4]]
 TERMINATION = 0
-
-
-@pytest.fixture
-def sample(device) -> Trie:
-    return Trie.from_sequences(SAMPLE, device=device)
 
 
 def sample_paths(trie: Trie) -> torch.Tensor:
@@ -259,15 +252,6 @@ def test_transition_log_probs(device, catalog, batch, dtype, index_dtype, per_ro
     tolerance = FLOW_TOLERANCE[dtype]
     torch.testing.assert_close(step.cpu(), expected_step, **tolerance)
     torch.testing.assert_close(termination.cpu(), expected_termination, **tolerance)
-
-
-@pytest.fixture
-def four_threads():
-    """Four CPU threads, so that the CPU launchers split large batches between workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_threaded_cpu_launchers(four_threads):

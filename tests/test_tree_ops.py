@@ -10,7 +10,7 @@ from flower_ext import reference as ref_ops
 from hypothesis import given
 from hypothesis import strategies as st
 
-from strategies import DEVICES, SEEDS, Catalog, build, catalogs, seeded
+from strategies import DEVICES, SAMPLE, SEEDS, Catalog, build, catalogs, seeded
 
 VALUE_DTYPES = st.sampled_from([torch.float32, torch.float64])
 # Sums along paths and over subtrees run in another order than the reference's masked sums.
@@ -19,14 +19,7 @@ TOLERANCE = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
 }
 
-# Nodes: 0 root, 1 [1], 2 [3], 3 [1 0], 4 [1 2], 5 [3 0], 6 [3 4], 7 [1 2 0], 8 [3 4 5].
-SAMPLE = [[1, 2, 0], [1, 0], [3, 0], [1, 2, 0], [3, 4, 5], [3, 4]]
-NUM_NODES = 9
-
-
-@pytest.fixture
-def sample(device) -> Trie:
-    return Trie.from_sequences(SAMPLE, device=device)
+NUM_NODES = 9  # of strategies.SAMPLE
 
 
 def node_values(trie: Trie, batch: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -105,14 +98,6 @@ def test_path_sums_gradient(device, catalog, batch, dtype, data):
     subtree = ops.subtree_sums(trie.data, trie.layout, grad_sums.to(device))
     expected = ref_ops.subtree_sums(ref, grad_sums)
     torch.testing.assert_close(subtree.cpu(), expected, **TOLERANCE[dtype])
-
-
-@pytest.fixture
-def four_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_threaded_cpu_launchers(four_threads):

@@ -14,11 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from strategies import build, catalogs
-
-# A small fixed catalog with a duplicate (items 0 and 3) and an item that is a prefix of another
-# (item 5 of item 4, unterminated).
-SAMPLE = [[1, 2, 0], [1, 0], [3, 0], [1, 2, 0], [3, 4, 5], [3, 4]]
+from strategies import SAMPLE, build, catalogs
 
 
 @given(catalog=catalogs())
