@@ -16,6 +16,12 @@ Conventions shared by every function here, for a batch of B trajectories over th
   log-softmax, unmasked, as in the method.
 - ``path_nodes [B, T+1]`` are the trie nodes of the states, the root first and -1 on padding:
   :func:`path_nodes`.
+- The policy π is the full-vocabulary softmax, as in the method, except in
+  :func:`masked_subtb_loss` and in :func:`flow_matching_loss` given ``log_partitions`` from
+  :func:`trie_log_partitions`: the *masked* policy, renormalised over each state's trie children
+  (the termination token then has probability only where an item ends, and no mass leaves the
+  catalog). :func:`leakage_loss` measures the mass the full-vocabulary policy sends outside the
+  trie (the penalty of a conservative SubTB).
 
 Everything is batched over samples and tokens; no Python loop runs over either. Arguments that
 break these conventions raise ``ValueError`` naming the argument (the checks of values, which
@@ -35,7 +41,10 @@ __all__ = [
     "state_log_rewards",
     "subtb_loss_from_log_probs",
     "subtb_loss",
+    "masked_subtb_loss",
     "flow_matching_loss",
+    "trie_log_partitions",
+    "leakage_loss",
     "flower_loss",
     "INCOMPLETE_LOG_REWARD",
 ]
@@ -219,7 +228,58 @@ def subtb_loss(
     """:func:`subtb_loss_from_log_probs` from the model's logits ``[B, T+1, V]`` at the states of
     sampled trajectories ``actions [B, T]`` (padding may hold any id; it is masked), with
     ``log_rewards [B, T+1]`` from :func:`state_log_rewards`. The termination token is not an
-    action: the logits of every state score it."""
+    action: the logits of every state score it. π is the full-vocabulary softmax, as in the
+    method; :func:`masked_subtb_loss` renormalises it over the trie."""
+    scores = _check_trajectories(logits, actions, log_rewards, lengths, termination_token)
+    log_z = torch.logsumexp(scores, dim=-1)
+    return _subtb_of_policy(scores, log_z, actions, log_rewards, lengths, termination_token)
+
+
+def masked_subtb_loss(
+    logits: Tensor,
+    trie: Trie,
+    path_nodes: Tensor,
+    actions: Tensor,
+    log_rewards: Tensor,
+    lengths: Tensor,
+    termination_token: int,
+    incomplete_log_reward: float = INCOMPLETE_LOG_REWARD,
+) -> Tensor:
+    """Sub-trajectory balance of the *masked* policy: π renormalised over the trie children of
+    each state (:func:`trie_log_partitions`), so no mass leaves the catalog, and the termination
+    token has probability only where an item ends. At a state where no item ends, its
+    log-probability in the balance takes the state's reward constant ``incomplete_log_reward``
+    (the c_k of :func:`state_log_rewards`), so that ``H_k`` there is the sum of
+    ``log P̂(y | s) - log π(y | s)`` over the transitions so far: no term of the loss is free,
+    and a policy that is deterministic on one item's path no longer balances it (the published
+    loss's degenerate zero). Zero loss means π equals the target transitions on the sampled
+    paths.
+
+    Arguments as :func:`subtb_loss`, plus the loss trie and ``path_nodes [B, T+1]`` of the
+    trajectories (:func:`path_nodes`)."""
+    scores = _check_trajectories(logits, actions, log_rewards, lengths, termination_token)
+    _check_batch("path_nodes", path_nodes, tuple(scores.shape[:2]), "logits", logits.shape)
+    # From the working-dtype scores: half-precision logits then get one cast of the summed
+    # gradient, not two rounded parts that cancel.
+    log_z = trie_log_partitions(scores, trie, path_nodes)
+    existing = _state_mask(lengths, scores.shape[1])
+    if _checking_values() and (existing & ~torch.isfinite(log_z)).any():
+        raise ValueError(
+            "every state of the trajectories must have children in the trie (path_nodes of "
+            "another trie, or lengths past an item's end)"
+        )
+    log_z = torch.where(existing, log_z, 0.0)
+    terminable = trie.advance(path_nodes, torch.full_like(path_nodes, termination_token)) >= 0
+    return _subtb_of_policy(
+        scores, log_z, actions, log_rewards, lengths, termination_token,
+        unterminable=(~terminable, incomplete_log_reward),
+    )
+
+
+def _check_trajectories(
+    logits: Tensor, actions: Tensor, log_rewards: Tensor, lengths: Tensor, termination_token: int
+) -> Tensor:
+    """Checks the arguments of the SubTB losses; returns the logits in the working dtype."""
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T+1, V], got {tuple(logits.shape)}")
     batch, num_states, vocab = logits.shape
@@ -236,26 +296,50 @@ def subtb_loss(
             f"actions hold the termination token {termination_token} within lengths: lengths "
             "count an item's tokens before it, and the logits at the last state score it"
         )
+    return logits.to(_working_dtype(logits))
+
+
+def _subtb_of_policy(
+    scores: Tensor,
+    log_z: Tensor,
+    actions: Tensor,
+    log_rewards: Tensor,
+    lengths: Tensor,
+    termination_token: int,
+    unterminable: tuple[Tensor, float] | None = None,
+) -> Tensor:
+    """SubTB of the policy ``scores - log_z`` (``log_z [B, T+1]`` its normaliser per state);
+    ``unterminable = (mask, value)``: the termination log-probability is ``value`` where the
+    mask is set."""
+    taken = _state_mask(lengths, scores.shape[1])[:, 1:]
     safe_actions = torch.where(taken, actions, 0).long()
-    scores = logits.to(_working_dtype(logits))
-    log_z = torch.logsumexp(scores, dim=-1)
     action_log_probs = scores[:, :-1].gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1) - log_z[:, :-1]
     termination_log_probs = scores[..., termination_token] - log_z
+    if unterminable is not None:
+        mask, value = unterminable
+        termination_log_probs = torch.where(mask, value, termination_log_probs)
     return subtb_loss_from_log_probs(action_log_probs, termination_log_probs, log_rewards, lengths)
 
 
 def flow_matching_loss(
-    logits: Tensor, trie: Trie, log_flows: Tensor, path_nodes: Tensor
+    logits: Tensor,
+    trie: Trie,
+    log_flows: Tensor,
+    path_nodes: Tensor,
+    *,
+    log_partitions: Tensor | None = None,
 ) -> Tensor:
     """Teacher-forced flow matching: at every state on the target paths, the cross-entropy
     between the target children distribution ``F(child) / F(node)`` and the model's
-    full-vocabulary log-softmax at those children, averaged over the states that have children.
+    log-probabilities at those children, averaged over the states that have children.
 
     Args:
         logits: ``[B, S, V]`` model logits at the states.
         trie: the catalog trie.
         log_flows: ``[N]`` or ``[B, N]`` node log-flows (:meth:`Trie.log_flows`).
         path_nodes: ``[B, S]`` trie nodes of the states, -1 on padding.
+        log_partitions: ``[B, S]`` the policy's log normaliser per state
+            (:func:`trie_log_partitions` for the masked policy); None: the full vocabulary's.
     """
     batch, num_states, vocab = logits.shape
     _check_batch("path_nodes", path_nodes, (batch, num_states), "logits", logits.shape)
@@ -265,8 +349,15 @@ def flow_matching_loss(
     state_of_entry = torch.repeat_interleave(
         torch.arange(nodes.shape[0], device=nodes.device), counts, output_size=child_tokens.shape[0]
     )
-    flat_logits = logits.reshape(-1, vocab).to(_working_dtype(logits))
-    log_z = torch.logsumexp(flat_logits, dim=-1)
+    scores = logits.to(_working_dtype(logits))
+    if log_partitions is None:
+        log_z = torch.logsumexp(scores, dim=-1).reshape(-1)
+    else:
+        _check_batch("log_partitions", log_partitions, (batch, num_states), "logits", logits.shape)
+        # States without children have no masked policy (and no children to score): any value.
+        log_z = torch.where(torch.isfinite(log_partitions), log_partitions, 0.0).to(scores.dtype)
+        log_z = log_z.reshape(-1)
+    flat_logits = scores.reshape(-1, vocab)
     model_log_probs = flat_logits[state_of_entry, child_tokens.long()] - log_z[state_of_entry]
 
     flows = log_flows.to(flat_logits.dtype)
@@ -284,6 +375,61 @@ def flow_matching_loss(
     per_state = torch.zeros_like(log_z).index_add_(0, state_of_entry, -target * model_log_probs)
     num_states_with_children = (counts > 0).sum().clamp(min=1)
     return per_state.sum() / num_states_with_children
+
+
+def trie_log_partitions(logits: Tensor, trie: Trie, path_nodes: Tensor) -> Tensor:
+    """``[B, S]``: log of the sum of ``exp(logits)`` over the trie children of each state's node,
+    the log normaliser of the masked policy ``π(c | s) = exp(logit_c) / sum over the children of
+    s``; -inf at padding (node -1) and at nodes without children. In the logits' working dtype
+    (float32, or float64 for float64 logits); differentiable with respect to the logits.
+
+    Args:
+        logits: ``[B, S, V]`` model logits at the states.
+        trie: the catalog trie.
+        path_nodes: ``[B, S]`` trie nodes of the states, -1 on padding (:func:`path_nodes`).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, S, V], got {tuple(logits.shape)}")
+    batch, num_states, vocab = logits.shape
+    _check_batch("path_nodes", path_nodes, (batch, num_states), "logits", logits.shape)
+    nodes = path_nodes.reshape(-1)
+    row_ptr, child_tokens, _ = trie.children(nodes)
+    counts = row_ptr.diff()
+    state_of_entry = torch.repeat_interleave(
+        torch.arange(nodes.shape[0], device=nodes.device), counts, output_size=child_tokens.shape[0]
+    )
+    flat = logits.reshape(-1, vocab).to(_working_dtype(logits))
+    child_logits = flat[state_of_entry, child_tokens.long()]
+    # A stable log-sum-exp per state: the largest child logit is taken out before exp.
+    empty = torch.full_like(flat[:, 0], float("-inf"))
+    peak = empty.scatter_reduce(0, state_of_entry, child_logits.detach(), "amax")
+    finite_peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    sums = torch.zeros_like(empty).index_add_(
+        0, state_of_entry, torch.exp(child_logits - finite_peak[state_of_entry])
+    )
+    return (torch.log(sums) + finite_peak).reshape(batch, num_states)
+
+
+def leakage_loss(logits: Tensor, log_partitions: Tensor) -> Tensor:
+    """The mass the full-vocabulary policy sends outside the trie: the mean, over the states
+    whose node has children (finite ``log_partitions``), of ``-log sum over the children c of
+    π(c | s)`` = ``logsumexp(logits) - log_partitions``. 0 when the policy keeps all its mass on
+    the trie. The penalty of a conservative SubTB (``subtb + lambda * leakage``).
+
+    Args:
+        logits: ``[B, S, V]`` model logits at the states.
+        log_partitions: ``[B, S]`` from :func:`trie_log_partitions` (-inf where a state has no
+            children or is padding: not counted).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, S, V], got {tuple(logits.shape)}")
+    _check_batch("log_partitions", log_partitions, tuple(logits.shape[:2]), "logits", logits.shape)
+    scores = logits.to(_working_dtype(logits))
+    counted = torch.isfinite(log_partitions)
+    partitions = torch.where(counted, log_partitions.to(scores.dtype), 0.0)
+    # Rounding can put the trie's share a hair above the whole: clamp at 0.
+    leaked = (torch.logsumexp(scores, dim=-1) - partitions).clamp(min=0)
+    return torch.where(counted, leaked, 0.0).sum() / counted.sum().clamp(min=1)
 
 
 def flower_loss(sft: Tensor, flow: Tensor, theta: float) -> Tensor:

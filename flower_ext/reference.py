@@ -49,7 +49,10 @@ __all__ = [
     "subtree_sums",
     "subtb_loss_all_pairs",
     "subtb_loss",
+    "masked_subtb_loss",
     "flow_matching_loss",
+    "trie_log_partitions",
+    "leakage_loss",
 ]
 
 Prefix = tuple[int, ...]
@@ -528,11 +531,17 @@ def subtb_loss_all_pairs(
     return total / max(num_pairs, 1)
 
 
-def _log_softmax(logits: Tensor) -> Tensor:
-    """The model's full-vocabulary log-probabilities, in float32 (float64 for float64 logits)."""
-    return torch.log_softmax(
-        logits.double() if logits.dtype == torch.float64 else logits.float(), -1
-    )
+def _working(logits: Tensor) -> Tensor:
+    """The logits in float32 (float64 for float64 logits), the losses' working dtype."""
+    return logits.double() if logits.dtype == torch.float64 else logits.float()
+
+
+def _log_policy(logits: Tensor, log_partitions: Tensor | None) -> Tensor:
+    """log π per state and token: the full-vocabulary log-softmax, or the logits minus the given
+    per-state log normaliser ``[B, S]`` (the masked policy of :func:`trie_log_partitions`)."""
+    if log_partitions is None:
+        return torch.log_softmax(_working(logits), -1)
+    return _working(logits) - log_partitions.to(_working(logits).dtype).unsqueeze(-1)
 
 
 def subtb_loss(
@@ -540,7 +549,7 @@ def subtb_loss(
 ) -> Tensor:
     """:func:`subtb_loss_all_pairs` with the log-probabilities taken from the model's logits
     ``[B, T+1, V]`` (full-vocabulary log-softmax) at the states of ``actions [B, T]``."""
-    log_probs = _log_softmax(logits)
+    log_probs = _log_policy(logits, None)
     batch, num_states, _ = logits.shape
     action_log_probs = log_probs.new_zeros(batch, num_states - 1)
     for b, length in enumerate(lengths.tolist()):
@@ -551,14 +560,50 @@ def subtb_loss(
     )
 
 
+def masked_subtb_loss(
+    logits: Tensor,
+    ref: ReferenceTrie,
+    path_nodes: Tensor,
+    actions: Tensor,
+    log_rewards: Tensor,
+    lengths: Tensor,
+    termination_token: int,
+    incomplete_log_reward: float = -15.0,
+) -> Tensor:
+    """:func:`subtb_loss_all_pairs` of the policy renormalised over each state's trie children;
+    the termination log-probability of a state where no item ends is ``incomplete_log_reward``."""
+    scores = _working(logits)
+    batch, num_states, _ = logits.shape
+    action_log_probs = scores.new_zeros(batch, num_states - 1)
+    termination_log_probs = scores.new_zeros(batch, num_states)
+    for b, length in enumerate(lengths.tolist()):
+        for t in range(length + 1):
+            children = list(ref.children[_node_or_none(ref, int(path_nodes[b, t]))])
+            log_z = torch.logsumexp(scores[b, t, children], 0)
+            if t < length:
+                action_log_probs[b, t] = scores[b, t, int(actions[b, t])] - log_z
+            termination_log_probs[b, t] = (
+                scores[b, t, termination_token] - log_z
+                if termination_token in children
+                else scores.new_tensor(incomplete_log_reward)
+            )
+    return subtb_loss_all_pairs(action_log_probs, termination_log_probs, log_rewards, lengths)
+
+
 def flow_matching_loss(
-    logits: Tensor, ref: ReferenceTrie, log_flows: Tensor, path_nodes: Tensor
+    logits: Tensor,
+    ref: ReferenceTrie,
+    log_flows: Tensor,
+    path_nodes: Tensor,
+    *,
+    log_partitions: Tensor | None = None,
 ) -> Tensor:
     """Teacher-forced flow matching: the mean, over the states (non-negative entries of
     ``path_nodes [B, S]``) that have children, of the cross-entropy
     ``-sum_c F(c) / F(s) * log π(c | s)`` between the target children distribution and the
-    model's full-vocabulary log-softmax ``logits [B, S, V]``. A zero-flow state has target 0."""
-    log_probs = _log_softmax(logits)
+    model's log-probabilities (full-vocabulary log-softmax, or normalised by ``log_partitions``)
+    ``logits [B, S, V]``. A zero-flow state has target 0."""
+    log_probs = _log_policy(logits, log_partitions)
     batch = path_nodes.shape[0]
     total, num_states = log_probs.new_zeros(()), 0
     for b, (flows, path) in enumerate(zip(_row_flows(log_flows, batch), path_nodes.tolist())):
@@ -573,3 +618,33 @@ def flow_matching_loss(
                 target = torch.exp(flows[ref.node_of[prefix + (token,)]] - flows[node])
                 total = total - target.to(log_probs.dtype) * log_probs[b, s, token]
     return total / max(num_states, 1)
+
+
+def trie_log_partitions(logits: Tensor, ref: ReferenceTrie, path_nodes: Tensor) -> Tensor:
+    """``[B, S]``: the log-sum-exp of each state's logits ``[B, S, V]`` over its node's children,
+    -inf at padding and at nodes without children."""
+    scores = _working(logits)
+    no_children = scores.new_tensor(NEG_INF)
+    rows = []
+    for b, path in enumerate(path_nodes.tolist()):
+        row = []
+        for s, node in enumerate(path):
+            prefix = _node_or_none(ref, node)
+            tokens = [] if prefix is None else list(ref.children[prefix])
+            row.append(torch.logsumexp(scores[b, s, tokens], 0) if tokens else no_children)
+        rows.append(torch.stack(row) if row else scores.new_zeros(0))
+    return torch.stack(rows) if rows else scores.new_zeros(path_nodes.shape)
+
+
+def leakage_loss(logits: Tensor, log_partitions: Tensor) -> Tensor:
+    """The mean, over the states with a finite ``log_partitions`` (the log-sum-exp of the logits
+    over the state's trie children), of ``-log`` of the full-vocabulary probability of those
+    children."""
+    log_normaliser = torch.logsumexp(_working(logits), -1)
+    total, count = log_normaliser.new_zeros(()), 0
+    for b in range(log_partitions.shape[0]):
+        for s in range(log_partitions.shape[1]):
+            if torch.isfinite(log_partitions[b, s]):
+                total = total + log_normaliser[b, s] - log_partitions[b, s].to(total.dtype)
+                count += 1
+    return total / max(count, 1)

@@ -16,6 +16,7 @@ from strategies import (
     SMALL_VOCAB,
     build,
     catalogs,
+    item_paths,
     paths_and_flows,
     seeded,
 )
@@ -448,3 +449,194 @@ def test_shapes_that_disagree_name_both_arguments():
         losses.subtb_loss(logits, actions, log_rewards, lengths[:1], termination)
     with pytest.raises(ValueError, match=r"logits must have shape \[B, T\+1, V\], got \(4, 7\)"):
         losses.subtb_loss(logits[0], actions, log_rewards, lengths, termination)
+
+
+# ---------------------------------------------------------------------------------------------
+# the masked policy and the leakage penalty
+
+
+@st.composite
+def trie_trajectories(draw, catalog, ref, batch: int):
+    """Whole trajectories of a terminated catalog: ``actions [B, T]`` (each row an item's tokens
+    before its termination token, padded with it), ``lengths [B]`` and ``path_nodes [B, T+1]``."""
+    items = [draw(st.sampled_from(catalog.sequences))[:-1] for _ in range(batch)]
+    width = max((len(item) for item in items), default=0) + draw(st.integers(0, 2))
+    actions = torch.full((batch, width), catalog.termination_token, dtype=torch.int64)
+    path_nodes = torch.full((batch, width + 1), -1, dtype=torch.int64)
+    for b, item in enumerate(items):
+        actions[b, : len(item)] = torch.tensor(item, dtype=torch.int64)
+        for depth in range(len(item) + 1):
+            path_nodes[b, depth] = ref.node_of[tuple(item[:depth])]
+    lengths = torch.tensor([len(item) for item in items], dtype=torch.int64)
+    return actions, lengths, path_nodes
+
+
+@given(
+    catalog=catalogs(huge=False),
+    batch=st.integers(0, 6),
+    dtype=LOGIT_DTYPES,
+    data=st.data(),
+)
+def test_trie_log_partitions(device, catalog, batch, dtype, data):
+    trie, ref = build(catalog, device)
+    path_nodes, _ = data.draw(item_paths(catalog, ref, batch))
+    (logits,) = requiring_grad(seeded(data.draw(SEEDS), (*path_nodes.shape, SMALL_VOCAB), dtype))
+    got = losses.trie_log_partitions(logits.to(device), trie, path_nodes.to(device))
+    expected = ref_ops.trie_log_partitions(logits, ref, path_nodes)
+    working = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == working
+    torch.testing.assert_close(got.cpu(), expected, **TOLERANCE[working])
+    finite = torch.isfinite(expected)
+    if finite.any():
+        torch.testing.assert_close(
+            grads(got[finite.to(device)].sum(), [logits])[0].cpu(),
+            grads(expected[finite].sum(), [logits])[0],
+            **TOLERANCE[dtype],
+        )
+
+
+@given(catalog=catalogs(terminated=True, huge=False), batch=st.integers(0, 6), dtype=LOGIT_DTYPES,
+       data=st.data())
+def test_masked_subtb_and_leakage(device, catalog, batch, dtype, data):
+    """SubTB of the policy renormalised over the trie children, and the mass leaving the trie,
+    against the all-pairs reference with the reference's partitions."""
+    trie, ref = build(catalog, device)
+    actions, lengths, path_nodes = data.draw(trie_trajectories(catalog, ref, batch))
+    seed = data.draw(SEEDS)
+    (logits,) = requiring_grad(seeded(seed, (*path_nodes.shape, SMALL_VOCAB), dtype))
+    rewards = seeded(seed + 1, path_nodes.shape, torch.float64) - 5
+    termination = catalog.termination_token
+    on = [t.to(device) for t in (logits, actions, rewards, lengths, path_nodes)]
+
+    def masked_subtb():
+        return losses.masked_subtb_loss(on[0], trie, on[4], *on[1:4], termination)
+
+    def leakage():
+        return losses.leakage_loss(on[0], losses.trie_log_partitions(on[0], trie, on[4]))
+
+    def expected_subtb():
+        return ref_ops.masked_subtb_loss(
+            logits, ref, path_nodes, actions, rewards, lengths, termination
+        )
+
+    def expected_leakage():
+        return ref_ops.leakage_loss(logits, ref_ops.trie_log_partitions(logits, ref, path_nodes))
+
+    working = torch.float64 if dtype == torch.float64 else torch.float32
+    for value, reference in ((masked_subtb(), expected_subtb()), (leakage(), expected_leakage())):
+        torch.testing.assert_close(value.cpu(), reference.to(value.dtype), **TOLERANCE[working])
+        torch.testing.assert_close(
+            grads(value, [logits])[0].cpu(), grads(reference, [logits])[0], **TOLERANCE[dtype]
+        )
+
+
+def test_masked_policy_ignores_the_logits_outside_the_trie():
+    """Raising every logit off the trie changes neither the masked SubTB nor the masked flow
+    matching; it raises the leakage, which is 0 when the logits off the trie are -inf."""
+    trie, path, termination = _terminated_sample()
+    actions = torch.tensor([[1, 2, 0], [3, 5, 6], [1, 0, 0], [3, 0, 0]])
+    lengths = torch.tensor([2, 3, 1, 1])
+    rewards = losses.state_log_rewards(trie, trie.log_flows(seeded(3, (5,))), path, termination)
+    flows = trie.log_flows(seeded(4, (5,)))
+    logits = seeded(5, (*path.shape, 9))
+    walled = logits.clone()
+    trie.mask_logits_(walled.view(-1, 9), path.view(-1))  # -inf off each state's children
+    off_trie = torch.isinf(walled)
+
+    def measured(x):
+        partitions = losses.trie_log_partitions(x, trie, path)
+        return (
+            losses.masked_subtb_loss(x, trie, path, actions, rewards, lengths, termination),
+            losses.flow_matching_loss(x, trie, flows, path, log_partitions=partitions),
+            losses.leakage_loss(x, partitions),
+        )
+
+    subtb, matching, leakage = measured(logits)
+    raised_subtb, raised_matching, raised_leakage = measured(logits + 5 * off_trie)
+    torch.testing.assert_close(raised_subtb, subtb)
+    torch.testing.assert_close(raised_matching, matching)
+    assert raised_leakage > leakage > 0
+    torch.testing.assert_close(
+        losses.leakage_loss(walled, losses.trie_log_partitions(walled, trie, path)),
+        torch.tensor(0.0, dtype=walled.dtype),
+    )
+
+
+def test_masked_losses_gradcheck():
+    trie, path, termination = _terminated_sample()
+    actions = torch.tensor([[1, 2, 0], [3, 5, 6], [1, 0, 0], [3, 0, 0]])
+    lengths = torch.tensor([2, 3, 1, 1])
+    rewards = seeded(6, path.shape) - 5
+    flows = trie.log_flows(seeded(4, (5,)))
+
+    def all_three(x):
+        partitions = losses.trie_log_partitions(x, trie, path)
+        return (
+            losses.masked_subtb_loss(x, trie, path, actions, rewards, lengths, termination),
+            losses.flow_matching_loss(x, trie, flows, path, log_partitions=partitions),
+            losses.leakage_loss(x, partitions),
+        )
+
+    assert torch.autograd.gradcheck(all_three, (seeded(5, (*path.shape, 9)).requires_grad_(),))
+
+
+def test_masked_losses_compile():
+    torch._dynamo.reset()
+    trie, path, termination = _terminated_sample()
+    actions = torch.tensor([[1, 2, 0], [3, 5, 6], [1, 0, 0], [3, 0, 0]])
+    lengths = torch.tensor([2, 3, 1, 1])
+    rewards = seeded(6, path.shape) - 5
+    logits = seeded(5, (*path.shape, 9))
+
+    def both(x):
+        partitions = losses.trie_log_partitions(x, trie, path)
+        return (
+            losses.masked_subtb_loss(x, trie, path, actions, rewards, lengths, termination),
+            losses.leakage_loss(x, partitions),
+        )
+
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(logits), both(logits)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_masked_policy_bad_input():
+    trie, path, termination = _terminated_sample()
+    actions = torch.tensor([[1, 2, 0], [3, 5, 6], [1, 0, 0], [3, 0, 0]])
+    lengths = torch.tensor([2, 3, 1, 1])
+    rewards = seeded(6, path.shape) - 5
+    logits = seeded(5, (*path.shape, 9))
+    partitions = losses.trie_log_partitions(logits, trie, path)
+    with pytest.raises(ValueError, match=r"log_partitions must have shape \(4, 4\)"):
+        losses.flow_matching_loss(logits, trie, trie.log_flows(seeded(4, (5,))), path,
+                                  log_partitions=partitions[:, :3])
+    with pytest.raises(ValueError, match="every state of the trajectories must have children"):
+        leaf_inside = path.clone()  # row 0's state 2 replaced by the leaf after "a ⊤"
+        leaf_inside[0, 2] = trie.advance(path[:1, 1], torch.zeros(1, dtype=torch.int64))[0]
+        losses.masked_subtb_loss(logits, trie, leaf_inside, actions, rewards, lengths, termination)
+    with pytest.raises(ValueError, match=r"path_nodes must have shape \(4, 4\)"):
+        losses.trie_log_partitions(logits, trie, path[:, :2])
+    with pytest.raises(ValueError, match=r"logits must have shape \[B, S, V\]"):
+        losses.leakage_loss(logits[0], partitions)
+
+
+def test_masked_subtb_is_zero_exactly_at_the_target_policy():
+    """Logits equal to the children's log-flows make the masked policy the target transitions
+    F(c) / F(s): the masked SubTB is 0 there, and positive for a policy deterministic on the
+    sampled paths (which the published loss can balance with its free termination terms)."""
+    trie, path, termination = _terminated_sample()
+    actions = torch.tensor([[1, 2, 0], [3, 5, 6], [1, 0, 0], [3, 0, 0]])
+    lengths = torch.tensor([2, 3, 1, 1])
+    flows = trie.log_flows(seeded(4, (5,)))
+    rewards = losses.state_log_rewards(trie, flows, path, termination)
+    row_ptr, child_tokens, child_nodes = trie.children(path.reshape(-1))
+    target = torch.full((path.numel(), 9), -30.0, dtype=torch.float64)
+    state = torch.repeat_interleave(torch.arange(path.numel()), row_ptr.diff())
+    target[state, child_tokens.long()] = flows[child_nodes.long()]
+    target = target.view(*path.shape, 9)
+    at_target = losses.masked_subtb_loss(target, trie, path, actions, rewards, lengths, termination)
+    torch.testing.assert_close(at_target, torch.tensor(0.0, dtype=torch.float64))
+    taken = torch.full_like(target, -30.0)
+    taken[:, :-1].scatter_(-1, actions.unsqueeze(-1), 0.0)
+    taken[..., termination] = 0.0
+    assert losses.masked_subtb_loss(taken, trie, path, actions, rewards, lengths, termination) > 1
