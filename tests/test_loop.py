@@ -16,8 +16,12 @@ from flower_ext.generation import TrieLogitsProcessor
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from flower_rec.loop import (
+    Rollout,
     continuation_labels,
     continuation_logits,
+    mixed_rollout,
+    padded_items,
+    reward_rollout,
     rollout,
     state_logits,
     with_termination,
@@ -165,3 +169,41 @@ def test_sft_on_continuation_labels_is_the_transformers_loss(model, prompts):
             total += model(sequence, labels=labels).loss.item() * length
             count += length
     assert ours.item() == pytest.approx(total / count, rel=1e-5)
+
+
+# -- off-policy trajectories ------------------------------------------------------------------
+
+
+def test_reward_rollouts_draw_items_in_proportion_to_their_reward(trie):
+    """Items drawn from R / Z, per row: with one reward vector the frequencies match it, with
+    per-row rewards each row keeps to its own; zero-reward items never come out; the paths are
+    the items' trie paths."""
+    items = padded_items(ITEMS, EOS)
+    log_rewards = torch.tensor([0.0, 1.0, -1.0, float("-inf"), 2.0, 0.5])
+    sample = reward_rollout(log_rewards, items, trie, num_rows=20000,
+                            generator=torch.Generator().manual_seed(0))
+    drawn = items_of(sample.actions, sample.lengths)
+    observed = torch.tensor([drawn.count(item) for item in ITEMS], dtype=torch.float64) / len(drawn)
+    expected = torch.softmax(log_rewards.double(), 0)
+    assert (observed - expected).abs().sum().item() < 0.03
+    assert observed[3] == 0
+    torch.testing.assert_close(sample.path, losses.path_nodes(trie, sample.actions, sample.lengths))
+
+    per_row = torch.full((len(ITEMS), len(ITEMS)), float("-inf"))
+    per_row[torch.arange(len(ITEMS)), torch.arange(len(ITEMS)).flip(0)] = 0.0  # row b: one item
+    sample = reward_rollout(per_row, items, trie, generator=torch.Generator().manual_seed(1))
+    assert items_of(sample.actions, sample.lengths) == ITEMS[::-1]
+
+
+def test_mixed_rollouts_take_the_replaced_rows_whole(model, trie, prompts):
+    items = padded_items(ITEMS, EOS)
+    base = reward_rollout(torch.zeros(len(ITEMS)), items, trie, num_rows=4,
+                          generator=torch.Generator().manual_seed(0))
+    sampled = rollout(model, prompts[0][[1, 3]], prompts[1][[1, 3]], trie, EOS,
+                      generator=torch.Generator().manual_seed(1))
+    mixed = mixed_rollout(base, torch.tensor([1, 3]), sampled, EOS)
+    expected = [items_of(base.actions, base.lengths)[0], items_of(sampled.actions, sampled.lengths)[0],
+                items_of(base.actions, base.lengths)[2], items_of(sampled.actions, sampled.lengths)[1]]
+    assert items_of(mixed.actions, mixed.lengths) == expected
+    torch.testing.assert_close(mixed.path, losses.path_nodes(trie, mixed.actions, mixed.lengths))
+    assert isinstance(mixed, Rollout)

@@ -188,7 +188,7 @@ def test_personalised_flows_are_exact_per_sample(dataset, tokenizer, catalog, ba
         dataset, tokenizer, catalog, method="flower", reward_variant="logp_div_s",
         probabilities=lambda index: p[index],
     )
-    flows = loss.log_flows(batch["sample_index"], torch.device("cpu"))
+    flows = loss.loss_trie.log_flows(loss.item_log_rewards(batch["sample_index"], torch.device("cpu")))
     assert flows.shape == (batch["input_ids"].shape[0], loss.loss_trie.num_nodes)
     rewards = loss.rewards.item_log_rewards("logp_div_s", p[batch["sample_index"]])
     torch.testing.assert_close(flows[:, 0], torch.logsumexp(rewards, dim=1))
@@ -205,6 +205,13 @@ CASES = {
     "flower-logp_add_logs": {"method": "flower", "reward_variant": "logp_add_logs"},
     "flow_matching": {"method": "flower", "reward_variant": "logp", "flow_loss": "flow_matching"},
     "subtb-alone": {"method": "flower", "reward_variant": "logp_div_s", "theta": 0.0},
+    "masked-subtb": {"method": "flower", "reward_variant": "logp_div_s", "policy": "masked"},
+    "conservative-subtb": {"method": "flower", "reward_variant": "logp", "leakage_weight": 1.0},
+    "off-policy-tempered": {"method": "flower", "reward_variant": "logp_div_s",
+                            "off_policy_share": 0.5, "rollout_temperature": 2.0},
+    "masked-flow-matching": {"method": "flower", "reward_variant": "logp",
+                             "flow_loss": "flow_matching", "policy": "masked",
+                             "leakage_weight": 0.5},
 }
 
 
@@ -231,13 +238,22 @@ def test_loss_decreases_on_a_fixed_batch(dataset, tokenizer, catalog, batch, cas
     assert after < 0.8 * before, (before, after)
 
 
-def test_flow_matching_alone_brings_items_out_in_proportion_to_their_reward(
-    dataset, tokenizer, catalog
+FITTING = {
+    "flow_matching": {"flow_loss": "flow_matching"},
+    "masked-subtb-off-policy": {"policy": "masked", "off_policy_share": 1.0},
+    "masked-subtb-on-policy": {"policy": "masked"},
+}
+
+
+@pytest.mark.parametrize("variant", list(FITTING))
+def test_flow_objectives_alone_bring_items_out_in_proportion_to_their_reward(
+    dataset, tokenizer, catalog, variant
 ):
     """The method's promise, end to end through the trie, the flows and the loss: trained on
-    the flow-matching term alone (theta = 0, popularity rewards) over target paths that visit
-    every trie state, the model's trie-constrained item distribution for the prompt becomes
-    R / Z (KL well below the untrained model's and below an SFT model trained alike)."""
+    the flow term alone (theta = 0, popularity rewards), the model's trie-constrained item
+    distribution for the prompt becomes R / Z (KL well below the untrained model's and below an
+    SFT model trained alike). Flow matching over target paths that visit every trie state; the
+    masked SubTB on trajectories drawn from R / Z, or from the model itself."""
     from flower_rec.decoding import TrieDecoder
 
     prompt = encode_samples(dataset, "train", tokenizer, catalog).prompts[0]
@@ -255,12 +271,12 @@ def test_flow_matching_alone_brings_items_out_in_proportion_to_their_reward(
         return float((target * (target.log() - log_q)).sum())
 
     def trained(method: str) -> float:
-        options = {"theta": 0.0, "flow_loss": "flow_matching"} if method == "flower" else {}
+        options = {"theta": 0.0, **FITTING[variant]} if method == "flower" else {}
         loss = objective(dataset, tokenizer, catalog, method=method, reward_variant="logp", **options)
         model = new_model(tokenizer, layers=2)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(120):
-            terms = loss(model, batch)
+        for step in range(120):
+            terms = loss(model, batch, seed=step)
             optimizer.zero_grad()
             terms.loss.backward()
             optimizer.step()
@@ -698,6 +714,11 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
         ({"method": "flower", "reward": "logp_div_s"}, "needs aux_probabilities"),
         ({"reward": "popularity"}, "unknown reward"),
         ({"flow_loss": "tb"}, "unknown flow_loss"),
+        ({"method": "flower", "policy": "greedy"}, "unknown policy 'greedy'"),
+        ({"method": "flower", "leakage_weight": -1}, "leakage_weight must be a non-negative"),
+        ({"method": "flower", "off_policy_share": 1.2}, r"off_policy_share must lie in \[0, 1\]"),
+        ({"rollout_temperature": 0}, "rollout_temperature must be a positive number"),
+        ({"method": "flower", "reward_counts": "missing.json"}, "reward_counts file"),
         ({"floor_count": 0}, "floor_count must be a positive number"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"domain": "books"}, "unknown domain"),
@@ -746,3 +767,42 @@ def test_probability_table_of_the_wrong_shape(data_dir, dataset, tmp_path):
     with pytest.raises(TrainConfigError, match=r"valid_aux_probabilities has shape .* \(valid sam"):
         train(config(data_dir, tmp_path / "run", method="flower", aux_probabilities=train_table,
                      valid_aux_probabilities=train_table, eval_steps=2))
+
+
+def test_off_policy_trajectories_need_no_model_rollout(dataset, tokenizer, catalog, batch,
+                                                      monkeypatch):
+    """With off_policy_share 1 every trajectory is drawn from R_u / Z_u (no rollout runs);
+    with 0.5 the model rolls out the other rows only, and a seed repeats the draw."""
+    p = fake_probabilities(len(dataset.train), dataset.num_items)
+    options = dict(method="flower", reward_variant="logp_div_s", probabilities=lambda i: p[i])
+    loss = objective(dataset, tokenizer, catalog, off_policy_share=1.0, **options)
+    monkeypatch.setattr(loss, "_model_rollout", lambda *args: pytest.fail("rolled out"))
+    model = new_model(tokenizer)
+    rewards = loss.item_log_rewards(batch["sample_index"], torch.device("cpu"))
+    sample = loss.trajectories(model, batch, rewards, torch.Generator().manual_seed(0))
+    assert sample.lengths.shape == batch["sample_index"].shape
+    assert torch.isfinite(loss(model, batch, seed=0).loss)
+
+    half = objective(dataset, tokenizer, catalog, off_policy_share=0.5, **options)
+    rolled = []
+    original = half._model_rollout
+    monkeypatch.setattr(half, "_model_rollout",
+                        lambda model, ids, *rest: rolled.append(len(ids)) or original(model, ids, *rest))
+    first = half.trajectories(model, batch, rewards, torch.Generator().manual_seed(3))
+    again = half.trajectories(model, batch, rewards, torch.Generator().manual_seed(3))
+    assert 0 < rolled[0] < len(batch["sample_index"])
+    assert torch.equal(first.actions, again.actions)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"policy": "greedy"}, "unknown policy 'greedy'"),
+        ({"leakage_weight": -0.5}, r"leakage_weight must lie in \[0.0, inf\]"),
+        ({"off_policy_share": 1.5}, r"off_policy_share must lie in \[0.0, 1.0\]"),
+        ({"rollout_temperature": 0.0}, "rollout_temperature must be a positive number"),
+    ],
+)
+def test_objective_refuses_bad_variants(dataset, tokenizer, catalog, options, message):
+    with pytest.raises(ValueError, match=message):
+        objective(dataset, tokenizer, catalog, method="flower", reward_variant="logp", **options)

@@ -22,11 +22,11 @@ COUNTS = ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_vocab_size", "l
           "batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps")
 OPTIONAL_COUNTS = ("max_prompt_tokens", "save_total_limit", "eval_steps", "valid_limit",
                    "early_stopping_patience")
-POSITIVE_NUMBERS = ("learning_rate", "floor_count", "lora_alpha")
-NON_NEGATIVE_NUMBERS = ("weight_decay", "max_grad_norm", "epochs")
+POSITIVE_NUMBERS = ("learning_rate", "floor_count", "lora_alpha", "rollout_temperature")
+NON_NEGATIVE_NUMBERS = ("weight_decay", "max_grad_norm", "epochs", "leakage_weight")
 BOOLEANS = ("lora", "bf16", "resume", "tensorboard", "progress")
 CHOICES = {"method": ("sft", "flower"), "reward": ("logp", "logp_div_s", "logp_add_logs"),
-           "flow_loss": ("subtb", "flow_matching"),
+           "flow_loss": ("subtb", "flow_matching"), "policy": ("full", "masked"),
            "domain": ("items", "movies", "video_games", "cds")}
 PATHS = ("data", "out")
 
@@ -56,7 +56,7 @@ def bad_values(name: str) -> st.SearchStrategy:
     if name in NON_NEGATIVE_NUMBERS:
         return (NOT_NUMBERS | NON_FINITE | st.floats(max_value=-1e-300)
                 | st.integers(max_value=-1) | st.none())
-    if name == "theta":
+    if name in ("theta", "off_policy_share"):
         return NOT_NUMBERS | NON_FINITE | st.floats().filter(lambda x: not 0 <= x <= 1)
     if name == "lora_dropout":
         return NOT_NUMBERS | NON_FINITE | st.floats().filter(lambda x: not 0 <= x < 1)
@@ -66,7 +66,7 @@ def bad_values(name: str) -> st.SearchStrategy:
     if name in CHOICES:
         other_text = st.text(max_size=8).filter(lambda text: text not in CHOICES[name])
         return other_text | st.integers() | st.none() | st.lists(st.sampled_from(CHOICES[name]))
-    if name in PATHS or name == "model":
+    if name in PATHS or name in ("model", "reward_counts"):
         bad = st.integers() | st.just("") | st.booleans() | st.lists(st.text(), max_size=2)
         return bad | st.none() if name in PATHS else bad
     if name == "lora_target_modules":
@@ -94,7 +94,7 @@ def good_values(name: str) -> st.SearchStrategy:
         return st.floats(min_value=1e-300, **finite) | st.integers(1, 2**1000)
     if name in NON_NEGATIVE_NUMBERS:
         return st.floats(min_value=0.0, **finite) | st.integers(0, 2**1000)
-    if name == "theta":
+    if name in ("theta", "off_policy_share"):
         return st.floats(0.0, 1.0) | st.sampled_from([0, 1])
     if name == "lora_dropout":
         return st.floats(0.0, 1.0, exclude_max=True)
@@ -104,7 +104,7 @@ def good_values(name: str) -> st.SearchStrategy:
         return st.sampled_from(CHOICES[name])
     if name in PATHS:
         return st.text(min_size=1, max_size=10) | st.builds(Path, st.text(min_size=1, max_size=5))
-    if name == "model":
+    if name in ("model", "reward_counts"):
         return st.none() | st.text(min_size=1, max_size=10)
     if name == "lora_target_modules":
         return st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3)

@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import DECODING_MODES
     from .prompts import DOMAINS
     from .rewards import REWARD_VARIANTS
+    from .train import FLOW_LOSSES, POLICIES
 
     demo = commands.add_parser(
         "demo",
@@ -311,7 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--data", help="dataset folder")
     training.add_argument("--out", help="run folder (model, tokenizer, metrics.jsonl, checkpoints)")
     training.add_argument("--method", choices=("sft", "flower"))
-    training.add_argument("--flow-loss", dest="flow_loss", choices=("subtb", "flow_matching"))
+    training.add_argument("--flow-loss", dest="flow_loss", choices=FLOW_LOSSES)
+    training.add_argument(
+        "--policy", choices=POLICIES,
+        help="the flow loss's policy: full (full-vocabulary softmax, the paper's) or masked "
+        "(renormalised over the trie children)",
+    )
+    training.add_argument(
+        "--leakage-weight", dest="leakage_weight", type=float,
+        help="lambda of the conservative penalty on the mass leaving the trie (default 0)",
+    )
+    training.add_argument(
+        "--off-policy-share", dest="off_policy_share", type=float,
+        help="share of SubTB trajectories drawn from R_u/Z_u instead of the model (default 0)",
+    )
+    training.add_argument(
+        "--rollout-temperature", dest="rollout_temperature", type=float,
+        help="temperature of the on-policy rollouts (default 1)",
+    )
+    training.add_argument(
+        "--reward-counts", dest="reward_counts", metavar="JSON",
+        help="JSON {title: count} used as the rewards' popularity (default: history counts)",
+    )
     training.add_argument("--model", help="local folder or hub id (default: the tiny model)")
     training.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters")
     training.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")

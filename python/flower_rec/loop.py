@@ -35,6 +35,9 @@ __all__ = [
     "Rollout",
     "continuation_labels",
     "continuation_logits",
+    "mixed_rollout",
+    "padded_items",
+    "reward_rollout",
     "rollout",
     "state_logits",
     "with_termination",
@@ -152,6 +155,67 @@ def _sample(model, input_ids, attention_mask, trie, termination_token, temperatu
             position_ids=(prompt_lengths[rows] + step).unsqueeze(1),
         )[:, -1]
     return actions[:, : int(lengths.max())], lengths
+
+
+def padded_items(sequences: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Every item's tokens as ``(tokens [I, W], lengths [I])``, right-padded with ``pad`` (the
+    termination token): the table :func:`reward_rollout` draws trajectories from."""
+    width = max((len(s) for s in sequences), default=0)
+    tokens = torch.full((len(sequences), width), pad, dtype=torch.long)
+    for item, sequence in enumerate(sequences):
+        tokens[item, : len(sequence)] = torch.tensor(list(sequence), dtype=torch.long)
+    return tokens, torch.tensor([len(s) for s in sequences], dtype=torch.long)
+
+
+def reward_rollout(
+    item_log_rewards: Tensor,
+    items: tuple[Tensor, Tensor],
+    trie: Trie,
+    *,
+    num_rows: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Off-policy trajectories without any model forward: each row an item drawn exactly from
+    R/Z, the distribution the flows define (ancestral sampling over the trie's flows, each step
+    drawn with F(child) / F(node), ends at an item with probability R(item) / Z; drawing the
+    item directly is the same and costs one categorical draw).
+
+    Args:
+        item_log_rewards: ``[I]`` (one distribution for every row) or ``[B, I]`` (per user) item
+            log-rewards, unnormalised; -inf for items that are never drawn.
+        items: ``(tokens [I, W], lengths [I])`` of :func:`padded_items`, on the rewards' device.
+        trie: the loss trie of the items (for the state paths).
+        num_rows: rows to draw for ``[I]`` rewards (``[B, I]`` gives B).
+    """
+    rewards = item_log_rewards if item_log_rewards.dim() == 2 else item_log_rewards.expand(
+        1 if num_rows is None else num_rows, -1
+    )
+    weights = torch.exp(rewards - rewards.amax(-1, keepdim=True)).float()
+    drawn = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    tokens, item_lengths = items
+    lengths = item_lengths[drawn]
+    actions = tokens[drawn, : int(lengths.max()) if lengths.numel() else 0]
+    return Rollout(actions, lengths, losses.path_nodes(trie, actions, lengths))
+
+
+def mixed_rollout(base: Rollout, rows: Tensor, replacement: Rollout, pad: int) -> Rollout:
+    """``base`` with its rows ``rows [R]`` replaced by the R rows of ``replacement`` (e.g. reward
+    samples for every row, model rollouts for some); widths are padded with ``pad`` (actions)
+    and -1 (path)."""
+    width = max(base.actions.shape[1], replacement.actions.shape[1])
+
+    def widened(rollout: Rollout) -> Rollout:
+        extra = width - rollout.actions.shape[1]
+        return Rollout(
+            torch.nn.functional.pad(rollout.actions, (0, extra), value=pad),
+            rollout.lengths.clone(),
+            torch.nn.functional.pad(rollout.path, (0, extra), value=-1),
+        )
+
+    mixed, new = widened(base), widened(replacement)
+    for kept, replacing in zip(mixed, new):
+        kept[rows] = replacing
+    return mixed
 
 
 # ---------------------------------------------------------------------------------------------

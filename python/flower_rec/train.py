@@ -103,8 +103,12 @@ from .data import Dataset, load_dataset
 from .decoding import Catalog
 from .files import atomic_files, atomic_open, check_whole, read_json, read_text, reading
 from .loop import (
+    Rollout,
     continuation_labels,
     continuation_logits,
+    mixed_rollout,
+    padded_items,
+    reward_rollout,
     rollout,
     with_termination,
 )
@@ -116,6 +120,7 @@ __all__ = [
     "FIELD_RULES",
     "FLOW_LOSSES",
     "METHODS",
+    "POLICIES",
     "METRICS_FILE",
     "FlowerObjective",
     "FlowerTrainer",
@@ -130,6 +135,7 @@ __all__ = [
 
 METHODS = ("sft", "flower")
 FLOW_LOSSES = ("subtb", "flow_matching")
+POLICIES = ("full", "masked")
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -178,6 +184,11 @@ FIELD_RULES: dict[str, Rule] = {
     "theta": number(0, 1, must="lie in [0, 1]"),
     "reward": one_of(REWARD_VARIANTS),
     "flow_loss": one_of(FLOW_LOSSES),
+    "policy": one_of(POLICIES),
+    "leakage_weight": _NON_NEGATIVE,
+    "off_policy_share": number(0, 1, must="lie in [0, 1]"),
+    "rollout_temperature": _POSITIVE,
+    "reward_counts": optional(PATH),
     "floor_count": _POSITIVE,
     "aux_probabilities": _PROBABILITIES,
     "valid_aux_probabilities": _PROBABILITIES,
@@ -231,6 +242,15 @@ class TrainConfig:
             ``logp_add_logs`` (needs them too); see :mod:`flower_rec.rewards`.
         flow_loss: ``subtb`` (on-policy sub-trajectory balance, the paper's) or
             ``flow_matching`` (teacher-forced on the target path, no sampling).
+        policy: ``full`` (the full-vocabulary softmax, the paper's) or ``masked`` (π
+            renormalised over the trie children; no free termination term, no leak).
+        leakage_weight: lambda of the conservative penalty: the flow loss gets
+            ``lambda * (-log sum over the trie children of π)`` at its states (0: none).
+        off_policy_share: share of the SubTB trajectories drawn exactly from each user's
+            R_u / Z_u instead of the model (0: all on-policy, the paper's).
+        rollout_temperature: temperature of the on-policy rollouts (1: the paper's).
+        reward_counts: JSON ``{title: count}`` to use as the popularity of the rewards instead
+            of the training-history counts (e.g. a target distribution); None: history counts.
         floor_count: popularity count of titles never seen in a training history.
         aux_probabilities: ``p_u`` of every training sample, ``[num_train_samples, I]``: a
             tensor, a file (``.pt`` holding a tensor, or ``.safetensors`` holding one tensor), or
@@ -280,6 +300,11 @@ class TrainConfig:
     theta: float = 0.9995
     reward: str = "logp_div_s"
     flow_loss: str = "subtb"
+    policy: str = "full"
+    leakage_weight: float = 0.0
+    off_policy_share: float = 0.0
+    rollout_temperature: float = 1.0
+    reward_counts: str | None = None
     floor_count: float = DEFAULT_FLOOR_COUNT
     aux_probabilities: Any = None
     valid_aux_probabilities: Any = None
@@ -367,6 +392,8 @@ class TrainConfig:
                 "every validation sample, from the same auxiliary recommender; `flower-rec train "
                 "--aux` computes both)"
             )
+        if self.reward_counts is not None and not Path(self.reward_counts).is_file():
+            fail(f"reward_counts file {str(self.reward_counts)!r} does not exist")
         if not Path(self.data).is_dir():
             fail(f"data folder {str(self.data)!r} does not exist (create one with "
                  "`flower-rec prepare`)")
@@ -477,11 +504,14 @@ class LossTerms:
     sft: Tensor
     flow: Tensor | None = None
     flow_name: str | None = None
+    leakage: Tensor | None = None  # the conservative penalty, before its weight
 
     def scalars(self) -> dict[str, Tensor]:
         out = {"sft": self.sft.detach()}
         if self.flow is not None:
             out[self.flow_name] = self.flow.detach()
+        if self.leakage is not None:
+            out["leakage"] = self.leakage.detach()
         return out
 
 
@@ -506,6 +536,16 @@ class FlowerObjective:
         rewards: popularity rewards (flower).
         reward_variant: see :mod:`flower_rec.rewards`.
         probabilities: ``p_u`` source for the personalised variants.
+        policy: ``"full"`` (the full-vocabulary softmax, the method's) or ``"masked"`` (π
+            renormalised over the trie children: :func:`flower_ext.losses.masked_subtb_loss`,
+            and flow matching of the masked policy).
+        leakage_weight: lambda of the conservative penalty added to the flow loss,
+            ``lambda * leakage`` (:func:`flower_ext.losses.leakage_loss`, the mass π sends off
+            the trie at the flow loss's states); 0: none.
+        off_policy_share: the share of SubTB trajectories drawn from each user's R_u / Z_u
+            (:func:`flower_rec.loop.reward_rollout`, no model forward) instead of the model;
+            each row is off-policy with this probability.
+        rollout_temperature: temperature of the on-policy rollouts.
     """
 
     def __init__(
@@ -519,11 +559,25 @@ class FlowerObjective:
         rewards: PopularityRewards | None = None,
         reward_variant: str = "logp",
         probabilities: ProbabilitySource | None = None,
+        policy: str = "full",
+        leakage_weight: float = 0.0,
+        off_policy_share: float = 0.0,
+        rollout_temperature: float = 1.0,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         if flow_loss not in FLOW_LOSSES:
             raise ValueError(f"unknown flow_loss {flow_loss!r}; expected one of {FLOW_LOSSES}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+        for name, value, low, high in (
+            ("leakage_weight", leakage_weight, 0.0, float("inf")),
+            ("off_policy_share", off_policy_share, 0.0, 1.0),
+        ):
+            if not low <= value <= high or value != value or value == float("inf"):
+                raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
+        if not (rollout_temperature > 0 and rollout_temperature < float("inf")):
+            raise ValueError(f"rollout_temperature must be a positive number, got {rollout_temperature!r}")
         if method == "flower" and rewards is None:
             raise ValueError("the flower method needs item rewards")
         if method == "flower" and reward_variant != "logp" and probabilities is None:
@@ -542,6 +596,10 @@ class FlowerObjective:
         self.rewards = rewards
         self.reward_variant = reward_variant
         self.probabilities = probabilities
+        self.policy = policy
+        self.leakage_weight = float(leakage_weight)
+        self.off_policy_share = float(off_policy_share)
+        self.rollout_temperature = float(rollout_temperature)
         # The loss trie: each item's sequence, then ⊤ = EOS; identical sequences share a leaf.
         self.loss_trie = Trie.from_sequences(
             [list(s) + [self.eos] for s in sequences], list(range(len(sequences)))
@@ -559,28 +617,58 @@ class FlowerObjective:
         return self.method == "flower" and self.flow_loss == "subtb"
 
     def _on(self, device: torch.device) -> dict[str, Any]:
-        """The loss trie (and popularity-only flows) on ``device`` (moved once)."""
+        """The loss trie, the padded item table (and popularity-only rewards and flows) on
+        ``device`` (moved once)."""
         state = self._device_state.get(device)
         if state is None:
-            state = {"trie": self.loss_trie.to(device)}
+            trie = self.loss_trie.to(device)
+            tokens, lengths = padded_items(self.catalog.item_tokens.sequences, self.eos)
+            state = {"trie": trie, "items": (tokens.to(device), lengths.to(device))}
             if self.method == "flower" and self.reward_variant == "logp":
-                # Popularity-only flows are the same for every user: computed once.
-                rewards = self.rewards.item_log_rewards("logp", device=device)
-                state["flows"] = state["trie"].log_flows(rewards)
+                # Popularity-only rewards and flows are the same for every user: computed once.
+                state["rewards"] = self.rewards.item_log_rewards("logp", device=device)
+                state["flows"] = trie.log_flows(state["rewards"])
             self._device_state[device] = state
         return state
 
-    # -- rollouts -------------------------------------------------------------------------
+    # -- trajectories ---------------------------------------------------------------------
 
     def rollout(
         self, model, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
         """One trajectory per prompt from the current model over the loss trie
-        (:func:`flower_rec.loop.rollout`, temperature 1): ``(actions [B, T], lengths [B])``, each
-        row an item's token sequence (without EOS), padded with EOS."""
-        trie = self._on(input_ids.device)["trie"]
-        sample = rollout(model, input_ids, attention_mask, trie, self.eos, generator=generator)
+        (:func:`flower_rec.loop.rollout` at ``rollout_temperature``): ``(actions [B, T],
+        lengths [B])``, each row an item's token sequence (without EOS), padded with EOS."""
+        sample = self._model_rollout(model, input_ids, attention_mask, generator)
         return sample.actions, sample.lengths
+
+    def _model_rollout(self, model, input_ids, attention_mask, generator) -> Rollout:
+        trie = self._on(input_ids.device)["trie"]
+        return rollout(model, input_ids, attention_mask, trie, self.eos,
+                       temperature=self.rollout_temperature, generator=generator)
+
+    def trajectories(
+        self, model, inputs: Mapping[str, Tensor], item_log_rewards: Tensor,
+        generator: torch.Generator | None,
+    ) -> Rollout:
+        """The SubTB trajectories of a batch: each row off-policy (an item drawn from R_u / Z_u)
+        with probability ``off_policy_share``, else a rollout of the model (run on those rows
+        only)."""
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        batch, device = input_ids.shape[0], input_ids.device
+        if self.off_policy_share == 0:
+            return self._model_rollout(model, input_ids, attention_mask, generator)
+        state = self._on(device)
+        drawn = reward_rollout(item_log_rewards, state["items"], state["trie"], num_rows=batch,
+                               generator=generator)
+        uniform = torch.rand(batch, device=device, generator=generator)
+        on_policy = (uniform >= self.off_policy_share).nonzero().squeeze(1)
+        if on_policy.numel() == 0:
+            return drawn
+        sampled = self._model_rollout(
+            model, input_ids[on_policy], attention_mask[on_policy], generator
+        )
+        return mixed_rollout(drawn, on_policy, sampled, self.eos)
 
     @staticmethod
     def _generator(model, seed: int) -> torch.Generator:
@@ -591,24 +679,21 @@ class FlowerObjective:
 
     # -- the loss -------------------------------------------------------------------------
 
-    def log_flows(
+    def item_log_rewards(
         self,
         sample_index: Tensor,
         device: torch.device,
         probabilities: ProbabilitySource | None = None,
     ) -> Tensor:
-        """Node log-flows of the loss trie: ``[N]`` for popularity-only rewards, else ``[B, N]``
-        from each sample's personalised item rewards, its p_u from ``probabilities`` (by
-        default the training samples' source)."""
+        """Item log-rewards: ``[I]`` for popularity-only rewards, else ``[B, I]`` from each
+        sample's p_u from ``probabilities`` (by default the training samples' source)."""
         state = self._on(device)
-        if "flows" in state:
-            return state["flows"]
+        if "rewards" in state:
+            return state["rewards"]
         source = self.probabilities if probabilities is None else probabilities
-        probabilities = source(sample_index)
-        rewards = self.rewards.item_log_rewards(
-            self.reward_variant, probabilities.to(device), device=device
+        return self.rewards.item_log_rewards(
+            self.reward_variant, source(sample_index).to(device), device=device
         )
-        return state["trie"].log_flows(rewards)
 
     def __call__(
         self,
@@ -625,25 +710,47 @@ class FlowerObjective:
         # SFT target: the item's tokens then EOS, which SFT scores too.
         target = with_termination(inputs["target_ids"], inputs["target_lengths"], self.eos)
         continuations = [target]
+        if self.method == "flower":
+            state = self._on(device)
+            trie = state["trie"]
+            item_rewards = self.item_log_rewards(inputs["sample_index"], device, probabilities)
+            flows = state["flows"] if "flows" in state else trie.log_flows(item_rewards)
         if self.sampled:
             generator = None if seed is None else self._generator(model, seed)
-            actions, lengths = self.rollout(model, input_ids, attention_mask, generator)
-            continuations.append((actions, lengths))
+            sample = self.trajectories(model, inputs, item_rewards, generator)
+            continuations.append((sample.actions, sample.lengths))
         logits = continuation_logits(model, input_ids, attention_mask, continuations)
         sft = losses.sft_loss(logits[0], continuation_labels(*target))
         if self.method == "sft":
             return LossTerms(sft, sft)
 
-        trie = self._on(device)["trie"]
-        flows = self.log_flows(inputs["sample_index"], device, probabilities)
         if self.sampled:
-            path = losses.path_nodes(trie, actions, lengths)
+            states, path = logits[1], sample.path
             log_rewards = losses.state_log_rewards(trie, flows, path, self.eos)
-            flow = losses.subtb_loss(logits[1], actions, log_rewards, lengths, self.eos)
+            if self.policy == "masked":
+                flow = losses.masked_subtb_loss(states, trie, path, sample.actions, log_rewards,
+                                                sample.lengths, self.eos)
+            else:
+                flow = losses.subtb_loss(states, sample.actions, log_rewards, sample.lengths,
+                                         self.eos)
+            partitions = None
         else:
             # The target's states and the leaf after its EOS, which has no children to match.
-            flow = losses.flow_matching_loss(logits[0], trie, flows, losses.path_nodes(trie, *target))
-        return LossTerms(losses.flower_loss(sft, flow, self.theta), sft, flow, self.flow_loss)
+            states, path = logits[0], losses.path_nodes(trie, *target)
+            partitions = losses.trie_log_partitions(states, trie, path) \
+                if self.policy == "masked" or self.leakage_weight else None
+            flow = losses.flow_matching_loss(
+                states, trie, flows, path,
+                log_partitions=partitions if self.policy == "masked" else None,
+            )
+        leakage = None
+        if self.leakage_weight:
+            if partitions is None:
+                partitions = losses.trie_log_partitions(states, trie, path)
+            leakage = losses.leakage_loss(states, partitions)
+            flow = flow + self.leakage_weight * leakage
+        return LossTerms(losses.flower_loss(sft, flow, self.theta), sft, flow, self.flow_loss,
+                         leakage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,6 +970,17 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
     return model, tokenizer
 
 
+def _popularity_rewards(config: TrainConfig, dataset: Dataset) -> PopularityRewards:
+    """The rewards' popularity: the training-history counts, or ``reward_counts``."""
+    if config.reward_counts is None:
+        return PopularityRewards.from_dataset(dataset, config.floor_count)
+    counts = read_json(config.reward_counts)
+    with reading(config.reward_counts):
+        if not isinstance(counts, dict):
+            raise ValueError("not a JSON object {title: count}")
+        return PopularityRewards.from_counts(dataset.titles, counts, config.floor_count)
+
+
 def _probability_source(
     aux, num_samples: int, num_items: int, name: str = "aux_probabilities", split: str = "train"
 ) -> ProbabilitySource | None:
@@ -1048,7 +1166,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     dataset = load_dataset(config.data)
     rewards = probabilities = valid_probabilities = None
     if config.method == "flower":
-        rewards = PopularityRewards.from_dataset(dataset, config.floor_count)
+        rewards = _popularity_rewards(config, dataset)
         if config.needs_probabilities:
             probabilities = _probability_source(
                 config.aux_probabilities, len(dataset.train), dataset.num_items
@@ -1098,6 +1216,10 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         rewards=rewards,
         reward_variant=config.reward,
         probabilities=probabilities,
+        policy=config.policy,
+        leakage_weight=config.leakage_weight,
+        off_policy_share=config.off_policy_share,
+        rollout_temperature=config.rollout_temperature,
     )
 
     all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]
