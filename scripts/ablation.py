@@ -1,55 +1,65 @@
-"""The ablation behind the demo's defaults (docs/ablation.md): which part of Flower moves what.
+"""The pre-registered ablation of docs/ablation.md: does any training objective make lists fairer
+than SFT beyond seed noise, at SFT's accuracy?
 
-Trains every variant below with the tiny default model on the default synthetic dataset (the
-demo's data and SASRec, seed 0), evaluates each with beam search and sampled top-K on the test
-split, and prints one table per decoding mode, with the mean and standard deviation over seeds
-where a variant was trained with several. Everything lands in ``--out`` (the demo's layout:
-synthetic/, aux/, runs/<variant>/, report.json, groups.png) and a rerun skips what is done, so
-an interrupted ablation continues.
+Trains each named variant (:mod:`flower_rec.variants`) with the tiny default model on the
+default synthetic dataset (the demo's data, seed 0), popularity rewards (``logp``), under the
+paper's protocol (up to 7 epochs, the validation loss every epoch on 500 valid samples, early
+stopping with patience 2, the best epoch kept), for each seed; decodes every model on the test
+split with beam search, flow-guided beam search (chosen on the valid split) and sampled top-K;
+prints one table per decoding (mean ± sd over the seeds done) and the decision rule's verdict.
 
-    python scripts/ablation.py --out runs/ablation       # ~85 minutes: 15 runs
-    python scripts/ablation.py --out runs/sft-seeds --only-sft   # SFT over the seeds alone
+Runs go seed by seed (every variant's first seed before any second seed), and everything lands
+in ``--out`` (the demo's layout) with finished stages skipped, so the command can be rerun
+until it completes: a session that ends mid-way loses at most the run in progress's last epoch.
 
-Every model is decoded with beam search, flow-guided beam search (chosen on the valid split)
-and sampled top-K.
+    python scripts/ablation.py --out runs/ablation
+    python scripts/ablation.py --out runs/ablation --variants sft subtb-masked --seeds 0
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, run_demo
+from flower_rec.variants import TRAINING_VARIANTS, variant_options
+
+#: The order runs are made in: the baseline, then the candidates the fixed-batch fits of
+#: scripts/flow_fit.py favour, then the rest.
+PRIORITY = ("sft", "subtb-masked-conservative-mixed", "subtb-masked-conservative",
+            "flow-matching-0.5", "subtb", "subtb-masked", "subtb-conservative",
+            "flow-matching-0.9", "flow-matching-0.99", "flow-matching-0.999")
+# The decision rule (docs/ablation.md): a variant is fairer than SFT under a decoding when its
+# mean DGU is lower by more than two standard deviations (the larger of the two over seeds)
+# at a mean NDCG@10 of at least this share of SFT's.
+MIN_ACCURACY = 0.95
 
 
-def grid(seeds: list[int]) -> list[Variant]:
-    """SFT, the reference Flower setting (theta 0.99, ``logp_div_s``, on-policy SubTB), the
-    paper's theta 0.9995 and flow matching over every seed; the other single-factor changes from
-    the reference (theta 0.9, reward variant) with the first seed."""
-
-    def flower(theta=0.99, reward="logp_div_s", flow_loss="subtb", seed=seeds[0]) -> Variant:
-        name = f"flower-{flow_loss}-{reward}-theta{theta:g}-seed{seed}"
-        return Variant(name, "flower", theta, reward, flow_loss, seed)
-
-    variants = [Variant(f"sft-seed{seed}", seed=seed) for seed in seeds]
-    variants += [flower(theta=theta, seed=seed) for theta in (0.9995, 0.99) for seed in seeds]
-    variants.append(flower(theta=0.9))
-    variants += [flower(reward=reward) for reward in ("logp", "logp_add_logs")]
-    variants += [flower(flow_loss="flow_matching", seed=seed) for seed in seeds]
-    return variants
+def plan(names: list[str], seeds: list[int]) -> list[Variant]:
+    return [
+        Variant(f"{name}-seed{seed}", {**variant_options(name), "reward": "logp"}, seed=seed)
+        for seed in seeds for name in names
+    ]
 
 
-def summary_table(report: dict, variants: list[Variant], decoding: str) -> str:
-    """Markdown table of one decoding mode: a row per variant with its seed folded in (mean, and
-    ± the standard deviation over seeds when there are several)."""
+def grouped(report: dict, decoding: str) -> dict[str, list[dict]]:
+    """The rows of one decoding by variant name (seeds folded together)."""
     groups: dict[str, list[dict]] = defaultdict(list)
-    for variant in variants:
-        label = variant.name.rsplit("-seed", 1)[0]
-        groups[label].append(report["results"][f"{variant.name}, {decoding}"])
+    for label, metrics in report["results"].items():
+        name, row_decoding = label.split(", ")
+        if row_decoding == decoding:
+            groups[name.rsplit("-seed", 1)[0]].append(metrics)
+    return groups
+
+
+def summary_table(report: dict, decoding: str) -> str:
+    """Markdown table of one decoding: a row per variant, mean ± sd over its seeds."""
     header = "| variant | seeds | " + " | ".join(COLUMNS) + " | train s |"
     lines = [f"{decoding}:", "", header, "|" + "---|" * (len(COLUMNS) + 3)]
-    for label, rows in groups.items():
+    for label, rows in grouped(report, decoding).items():
         cells = []
         for name in (*COLUMNS, "train_seconds"):
             values = [row[name] for row in rows]
@@ -62,22 +72,51 @@ def summary_table(report: dict, variants: list[Variant], decoding: str) -> str:
     return "\n".join(lines)
 
 
+def verdicts(report: dict) -> list[str]:
+    """The decision rule, per decoding and variant (only with at least two seeds of both)."""
+    lines = []
+    for decoding in DECODINGS:
+        groups = grouped(report, decoding)
+        sft = groups.get("sft", [])
+        for name, rows in groups.items():
+            if name == "sft":
+                continue
+            if len(rows) < 2 or len(sft) < 2:
+                lines.append(f"{decoding}, {name}: undecided ({len(rows)} seed(s) vs SFT's "
+                             f"{len(sft)}; the rule needs two or more of each)")
+                continue
+            dgu = [row["DGU"] for row in rows]
+            sft_dgu = [row["DGU"] for row in sft]
+            margin = 2 * max(statistics.stdev(dgu), statistics.stdev(sft_dgu))
+            accuracy = statistics.fmean(r["NDCG@10"] for r in rows) / statistics.fmean(
+                r["NDCG@10"] for r in sft)
+            fairer = statistics.fmean(sft_dgu) - statistics.fmean(dgu) > margin
+            verdict = "fairer than SFT" if fairer and accuracy >= MIN_ACCURACY else "not fairer"
+            lines.append(
+                f"{decoding}, {name}: {verdict} (DGU {statistics.fmean(sft_dgu):.4f} -> "
+                f"{statistics.fmean(dgu):.4f}, margin {margin:.4f}; NDCG@10 {accuracy:.2f}x)")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/ablation", help="output folder")
-    parser.add_argument("--epochs", type=float, default=2.0, help="training epochs per variant")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="training seeds of SFT and the reference Flower setting")
+    parser.add_argument("--variants", nargs="+", choices=list(TRAINING_VARIANTS),
+                        default=list(PRIORITY), metavar="VARIANT",
+                        help=f"variants, in the order to run them (default: {' '.join(PRIORITY)})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=7.0, help="most epochs per run")
+    parser.add_argument("--patience", type=int, default=2, help="early-stopping patience")
     parser.add_argument("--quick", action="store_true", help="a smoke run (60 steps each)")
-    parser.add_argument("--only-sft", action="store_true",
-                        help="SFT over the seeds only (the guided-decoding evidence)")
     args = parser.parse_args()
-    variants = grid(args.seeds)
-    if args.only_sft:
-        variants = [variant for variant in variants if variant.method == "sft"]
-    report = run_demo(DemoConfig(out=args.out, epochs=args.epochs, quick=args.quick), variants)
+    config = DemoConfig(out=args.out, epochs=args.epochs, quick=args.quick,
+                        early_stopping_patience=None if args.quick else args.patience)
+    report = run_demo(config, plan(args.variants, args.seeds))
+    report["verdicts"] = verdicts(report)
+    (Path(args.out) / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
     for decoding in DECODINGS:
-        print(summary_table(report, variants, decoding), end="\n\n")
+        print(summary_table(report, decoding), end="\n\n")
+    print("\n".join(report["verdicts"]))
     return 0
 
 

@@ -15,6 +15,12 @@ This is the evidence behind docs/ablation.md's "why" section (on-policy SubTB al
 loss while the policy collapses onto one title):
 
     python scripts/flow_fit.py --flow-loss subtb --theta 0 0.9 0.99 1
+
+and of the objectives that answer it (docs/ablation.md, "The objectives"):
+
+    python scripts/flow_fit.py --policy masked --theta 0 0.5 0.9 0.99
+    python scripts/flow_fit.py --leakage-weight 1 --theta 0 0.5 0.9 0.99
+    python scripts/flow_fit.py --policy masked --off-policy-share 0.5 --theta 0 0.5 0.9
 """
 
 from __future__ import annotations
@@ -28,14 +34,20 @@ from flower_rec.models import corpus, tiny_llama, train_tokenizer
 from flower_rec.prepare import prepare_synthetic
 from flower_rec.prompts import build_prompt
 from flower_rec.rewards import PopularityRewards
-from flower_rec.train import FlowerObjective, RecommendationCollator, encode_samples
+from flower_rec.train import (
+    FLOW_LOSSES,
+    POLICIES,
+    FlowerObjective,
+    RecommendationCollator,
+    encode_samples,
+)
 
 
-def fit(setup: dict, flow_loss: str, theta: float, steps: int, lr: float) -> dict[str, float]:
+def fit(setup: dict, theta: float, steps: int, lr: float, **options) -> dict[str, float]:
     tokenizer, catalog, batch = setup["tokenizer"], setup["catalog"], setup["batch"]
     objective = FlowerObjective(
         catalog, method="flower", eos_token_id=tokenizer.eos_token_id, theta=theta,
-        flow_loss=flow_loss, rewards=setup["rewards"], reward_variant="logp",
+        rewards=setup["rewards"], reward_variant="logp", **options,
     )
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -61,7 +73,10 @@ def fit(setup: dict, flow_loss: str, theta: float, steps: int, lr: float) -> dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flow-loss", choices=("subtb", "flow_matching"), default="subtb")
+    parser.add_argument("--flow-loss", choices=FLOW_LOSSES, default="subtb")
+    parser.add_argument("--policy", choices=POLICIES, default="full")
+    parser.add_argument("--leakage-weight", type=float, default=0.0)
+    parser.add_argument("--off-policy-share", type=float, default=0.0)
     parser.add_argument("--theta", type=float, nargs="+", default=[0.0, 0.9, 0.99, 1.0])
     parser.add_argument("--steps", type=int, default=60, help="Adam steps on the batch")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
@@ -86,14 +101,17 @@ def main() -> int:
         "rewards": rewards,
         "target": torch.softmax(rewards.item_log_rewards("logp").double(), dim=0),
     }
-    untrained = fit(setup, args.flow_loss, 1.0, 0, args.lr)
-    print(f"{args.flow_loss}, {args.steps} Adam steps at lr {args.lr:g} on 16 samples "
+    options = {"flow_loss": args.flow_loss, "policy": args.policy,
+               "leakage_weight": args.leakage_weight, "off_policy_share": args.off_policy_share}
+    untrained = fit(setup, 1.0, 0, args.lr, **options)
+    described = ", ".join(f"{k} {v}" for k, v in options.items())
+    print(f"{described}; {args.steps} Adam steps at lr {args.lr:g} on 16 samples "
           f"(untrained: KL {untrained['KL(R/Z||trie)']:.3f}, top share "
           f"{untrained['top share']:.3f})\n")
     print("| theta | " + " | ".join(untrained) + " |")
     print("|---|" + "---|" * len(untrained))
     for theta in args.theta:
-        row = fit(setup, args.flow_loss, theta, args.steps, args.lr)
+        row = fit(setup, theta, args.steps, args.lr, **options)
         print(f"| {theta:g} | " + " | ".join(f"{value:.3g}" for value in row.values()) + " |")
     return 0
 

@@ -44,11 +44,14 @@ def test_demo_runs_on_a_given_dataset_folder_with_its_own_variants(tmp_path):
     data = tmp_path / "data"
     prepare_synthetic(data, items=60, users=300, seed=1, progress=False)
     config = DemoConfig(out=str(tmp_path / "out"), data=str(data), quick=True, eval_limit=12)
-    variants = [Variant("sft-a"), Variant("fm", "flower", 0.9, "logp", "flow_matching", seed=3)]
+    flow_matching = {"method": "flower", "theta": 0.9, "reward": "logp",
+                     "flow_loss": "flow_matching"}
+    variants = [Variant("sft-a"), Variant("fm", flow_matching, seed=3)]
     report = run_demo(config, variants)
     assert not (tmp_path / "out" / "synthetic").exists()  # the given folder is used as it is
     assert list(report["results"]) == [f"{v}, {d}" for v in ("sft-a", "fm") for d in DECODINGS]
-    assert report["variants"][1]["flow_loss"] == "flow_matching" and "claim" not in report
+    assert report["variants"][1]["options"]["flow_loss"] == "flow_matching"
+    assert "claim" not in report
     metrics = (tmp_path / "out" / "runs" / "fm" / "metrics.jsonl").read_text()
     assert '"flow_matching"' in metrics
     evaluation = tmp_path / "out" / "runs" / "fm" / "evaluation-beam.json"
@@ -57,7 +60,7 @@ def test_demo_runs_on_a_given_dataset_folder_with_its_own_variants(tmp_path):
 
 def test_demo_rejects_two_variants_with_one_name(tmp_path):
     with pytest.raises(ValueError, match="unique"):
-        run_demo(DemoConfig(out=str(tmp_path)), [Variant("a"), Variant("a", "flower")])
+        run_demo(DemoConfig(out=str(tmp_path)), [Variant("a"), Variant("a", {"method": "flower"})])
 
 
 def test_claim_verdicts_need_differences_beyond_seed_noise():

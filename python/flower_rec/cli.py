@@ -180,6 +180,19 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _rq1(args: argparse.Namespace) -> int:
+    from .rq1 import RQ1Config, run_rq1
+
+    report = run_rq1(RQ1Config(
+        data=args.data, out=args.out, size=args.size, variants=args.variants, seeds=args.seeds,
+        data_seed=args.data_seed, epochs=args.epochs, patience=args.patience,
+        batch_size=args.batch_size, valid_limit=args.valid_limit,
+    ))
+    print(report["table"])
+    print(f"\nwrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'rq1.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flower-rec",
@@ -457,6 +470,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads while training (one: the model is tiny and threads contend)",
     )
     train_aux.set_defaults(handler=_train_aux)
+
+    from .rq1 import DEFAULT_VARIANTS, RQ1Config
+    from .variants import TRAINING_VARIANTS
+
+    rq1 = commands.add_parser(
+        "rq1",
+        help="the paper's distribution fitting (RQ1) on the movie set",
+        description="One fixed prompt without history: trains SFT on titles drawn from the "
+        "target distribution m (one per record of train_<size>.json, as the published baseline "
+        "does) and each Flower variant with m's counts as its reward, every run up to --epochs "
+        "epochs with early stopping on the validation loss, and compares each model with m by "
+        "one sampled title per test record (KL(m||b), KL(b||m), JS) and by exact scoring. "
+        "Writes report.json, table.md and rq1.png into --out; finished runs are skipped.",
+    )
+    rq1.add_argument("--data", required=True,
+                     help="the Movies_RQ1 folder (Movies/ and base_line_data/)")
+    rq1.add_argument("--out", required=True, help="output folder")
+    rq1.add_argument("--size", type=int, default=RQ1Config.size,
+                     help="the target set: 100 (default) or 1500 where its files exist")
+    rq1.add_argument("--variants", nargs="+", choices=list(TRAINING_VARIANTS),
+                     default=list(DEFAULT_VARIANTS), metavar="VARIANT",
+                     help=f"training variants (default: {' '.join(DEFAULT_VARIANTS)}; one of "
+                     f"{', '.join(TRAINING_VARIANTS)})")
+    rq1.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
+    rq1.add_argument("--data-seed", type=int, default=RQ1Config.data_seed,
+                     help="seed of the titles drawn from m")
+    rq1.add_argument("--epochs", type=int, default=RQ1Config.epochs, help="most epochs (7)")
+    rq1.add_argument("--patience", type=int, default=RQ1Config.patience,
+                     help="early-stopping patience in epochs (2)")
+    rq1.add_argument("--batch-size", type=int, default=RQ1Config.batch_size)
+    rq1.add_argument("--valid-limit", type=int, default=RQ1Config.valid_limit,
+                     help="validation samples per evaluation")
+    rq1.set_defaults(handler=_rq1)
     return parser
 
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config_checks import BOOLEAN, COUNT, PATH, SEED, Rule, first_problem, number, one_of, optional
 from .data import load_dataset
@@ -42,7 +45,10 @@ class DemoConfig:
     shrinks training and evaluation to a smoke run. ``seed`` seeds the synthetic data and the
     auxiliary model, and the training of the two default variants. ``guidance`` is the flow
     guidance of the guided-beam rows (``"auto"``: chosen on ``guidance_users`` valid samples;
-    or a beta)."""
+    or a beta). ``early_stopping_patience``: the paper's protocol instead of a fixed budget
+    (``epochs`` becomes the most epochs; the validation loss on ``valid_limit`` valid samples
+    every epoch; training stops after that many epochs without improvement and keeps the best
+    one)."""
 
     out: str
     data: str | None = None
@@ -55,6 +61,8 @@ class DemoConfig:
     eval_limit: int | None = None
     guidance: str = "auto"
     guidance_users: int = 500
+    early_stopping_patience: int | None = None
+    valid_limit: int = 500
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad option, before any stage runs."""
@@ -73,10 +81,8 @@ class DemoConfig:
         return 200 if self.quick and self.eval_limit is None else self.eval_limit
 
     def default_variants(self) -> list[Variant]:
-        return [
-            Variant("sft", seed=self.seed),
-            Variant("flower", "flower", self.theta, self.reward, seed=self.seed),
-        ]
+        flower = {"method": "flower", "theta": self.theta, "reward": self.reward}
+        return [Variant("sft", seed=self.seed), Variant("flower", flower, seed=self.seed)]
 
 
 #: What each option of :class:`DemoConfig` must be.
@@ -91,19 +97,28 @@ DEMO_RULES: dict[str, Rule] = {
     "reward": one_of(REWARD_VARIANTS),
     "eval_limit": optional(COUNT),
     "guidance_users": COUNT,
+    "early_stopping_patience": optional(COUNT),
+    "valid_limit": COUNT,
 }
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One fine-tuned model of a comparison; ``name`` is its run folder and its table label."""
+    """One fine-tuned model of a comparison; ``name`` is its run folder and its table label,
+    ``options`` its :class:`~flower_rec.train.TrainConfig` options (e.g. a named variant's,
+    :func:`flower_rec.variants.variant_options`); the demo's settings fill in the rest."""
 
     name: str
-    method: str = "sft"
-    theta: float = 0.9995
-    reward: str = "logp_div_s"
-    flow_loss: str = "subtb"
+    options: Mapping[str, Any] = field(default_factory=lambda: {"method": "sft"})
     seed: int = 0
+
+    @property
+    def personalised(self) -> bool:
+        """Whether the variant's reward needs p_u (TrainConfig's default reward does)."""
+        from .train import TrainConfig
+
+        return self.options.get("method") == "flower" and \
+            self.options.get("reward", TrainConfig.reward) != "logp"
 
 
 def _trained(run: Path) -> bool:
@@ -132,15 +147,22 @@ def _train_variant(
     from .train import TrainConfig, train
 
     if not _trained(run):
-        personalised = variant.method == "flower" and variant.reward != "logp"
-        options = TrainConfig(
-            data=data, out=run, method=variant.method, theta=variant.theta,
-            reward=variant.reward, flow_loss=variant.flow_loss, domain=config.domain,
-            aux_probabilities=probabilities if personalised else None,
+        protocol: dict[str, Any] = {"save_steps": 200}
+        if config.early_stopping_patience is not None:
+            # The paper's protocol: the validation loss every epoch, the best epoch kept.
+            batch = variant.options.get("batch_size", TrainConfig.batch_size)
+            epoch = math.ceil(len(load_dataset(data).train) / batch)
+            protocol = {"eval_steps": epoch, "save_steps": epoch, "save_total_limit": 1,
+                        "early_stopping_patience": config.early_stopping_patience,
+                        "valid_limit": config.valid_limit}
+            if variant.personalised:
+                protocol["valid_aux_probabilities"] = probabilities["valid"]
+        train(TrainConfig(
+            data=data, out=run, domain=config.domain,
+            aux_probabilities=probabilities["train"] if variant.personalised else None,
             epochs=config.epochs, max_steps=config.max_steps, seed=variant.seed,
-            resume=run.exists(), save_steps=200,
-        )
-        train(options)
+            resume=run.exists(), **protocol, **variant.options,
+        ))
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     runtimes = [json.loads(line)["train_runtime"] for line in lines if "train_runtime" in line]
     return float(sum(runtimes))
@@ -202,7 +224,8 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
             prepare_synthetic(data, seed=config.seed)
     dataset = load_dataset(data)
     aux = _train_aux(data, out / "aux", config)
-    probabilities = training_probabilities(aux, dataset)
+    probabilities = {split: training_probabilities(aux, dataset, split)
+                     for split in ("train", "valid")}
 
     rows: dict[str, dict] = {}
     for variant in variants:

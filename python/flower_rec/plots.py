@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .files import atomic_write_bytes
 
-__all__ = ["plot_group_shares", "plot_guidance_curve"]
+__all__ = ["plot_distribution_fit", "plot_group_shares", "plot_guidance_curve"]
 
 DEFAULT_TITLE = "Recommendation share vs training share per popularity group"
 
@@ -137,4 +137,35 @@ def plot_guidance_curve(
     axes.set_title(title)
     axes.grid(alpha=0.35)
     axes.legend(loc="best", fontsize=8, framealpha=0.85)
+    return _save(figure, path, dpi)
+
+
+def plot_distribution_fit(
+    target_shares: Sequence[float],
+    shares_by_method: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    title: str = "Generated share vs target share by title rank",
+    *,
+    figsize: tuple[float, float] = (8.0, 4.5),
+    dpi: int = 150,
+) -> Path:
+    """Distribution fitting: the target's share of each title (grey bars, titles in descending
+    target order) and each method's generated share of the same titles (lines), on a log scale
+    so that the tail is visible. Written atomically; returns the path."""
+    target = [float(share) for share in target_shares]
+    for method, shares in shares_by_method.items():
+        if len(shares) != len(target):
+            raise ValueError(f"{method!r} has {len(shares)} shares, expected {len(target)}")
+    figure, axes = _new_axes(figsize, dpi)
+    ranks = list(range(1, len(target) + 1))
+    axes.bar(ranks, target, color="0.8", width=1.0, label="target")
+    for index, (method, shares) in enumerate(shares_by_method.items()):
+        axes.plot(ranks, [max(float(s), 1e-6) for s in shares], color=f"C{index}",
+                  linewidth=1.2, label=method)
+    axes.set_yscale("log")
+    axes.set_xlabel("title rank in the target (most frequent first)")
+    axes.set_ylabel("share")
+    axes.set_title(title)
+    axes.grid(alpha=0.35)
+    axes.legend(loc="upper right", fontsize=8, framealpha=0.85)
     return _save(figure, path, dpi)
