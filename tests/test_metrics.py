@@ -336,6 +336,18 @@ def test_plot_group_shares_png(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_plot_distribution_fit_png(tmp_path):
+    from flower_rec.plots import plot_distribution_fit
+
+    target = [0.5, 0.3, 0.15, 0.05]
+    path = plot_distribution_fit(target, {"sft": [0.7, 0.2, 0.1, 0.0], "flower": target},
+                                 tmp_path / "fit.png", dpi=100)
+    assert _png_size(path.read_bytes()) == (800, 450)
+    with pytest.raises(ValueError, match="'bad' has 2 shares, expected 4"):
+        plot_distribution_fit(target, {"bad": [0.5, 0.5]}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # the published Video_Games popularity groups
 

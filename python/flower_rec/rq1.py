@@ -85,7 +85,7 @@ def load_rq1(data: str | Path, size: int = 100) -> RQ1Data:
         "train": root / "base_line_data" / f"train_{size}.json",
         "test": root / "base_line_data" / f"test_{size}.json",
     }
-    missing = [str(path) for path in paths.values() if not path.is_file()]
+    missing = [str(path.relative_to(root)) for path in paths.values() if not path.is_file()]
     if missing:
         raise DatasetError(f"the RQ1 set of size {size} lacks {', '.join(missing)}", root)
     titles = [line.strip() for line in paths["titles"].read_text(encoding="utf-8").splitlines()]
