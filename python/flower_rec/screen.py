@@ -1,0 +1,123 @@
+"""``flower-rec screen``: can a reward make beam lists fair? Answered before any training.
+
+A model trained to perfection on a reward produces each user's items in proportion to R_u / Z_u,
+and beam search returns the modes of what the model learned. So the exact per-user top-K of the
+reward itself is what a perfectly trained model's beam search converges to, and its metrics
+bound what training on that reward can do for ranked lists. :func:`screen` computes them for
+every reward variant (:mod:`flower_rec.rewards`; the personalised ones need the auxiliary
+SASRec's p_u), beside SASRec's own top-K and SASRec's scores under flow guidance (``log p_u -
+beta x log(R / Z)``, the item-level form of guided decoding, for each beta): NDCG@K, HR@K, DGU,
+MGU, word entropy, distinct titles, and the mean entropy of each row's normalised scores (nats;
+how spread the target is, which sampling would show and beam search would not).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .data import Dataset
+from .evaluate import popularity_reference
+from .metrics import evaluate_recommendations
+from .rewards import REWARD_VARIANTS, PopularityRewards
+
+__all__ = ["SCREEN_BETAS", "SCREEN_COLUMNS", "format_screen", "screen", "top_titles"]
+
+#: The guidance strengths shown beside the rewards (the beam grid of guided decoding).
+SCREEN_BETAS = (0.25, 0.5, 1.0)
+SCREEN_COLUMNS = ("NDCG@{k}", "HR@{k}", "DGU", "MGU", "word_entropy", "distinct_titles",
+                  "target_entropy")
+
+
+def top_titles(scores: Tensor, titles: Sequence[str], k: int) -> list[list[str]]:
+    """Each row's ``k`` highest-scoring distinct titles (``scores [U, I]``; items that share a
+    title count once, at their best score; ties go to the lower item id)."""
+    num_items = scores.shape[1]
+    # Enough candidates to find k distinct titles despite duplicates.
+    duplicates = num_items - len(set(titles))
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    candidates = order[:, : min(num_items, k + duplicates)].tolist()
+    lists = []
+    for row in candidates:
+        chosen: list[str] = []
+        for item in row:
+            if titles[item] not in chosen:
+                chosen.append(titles[item])
+                if len(chosen) == k:
+                    break
+        lists.append(chosen)
+    return lists
+
+
+def _row_entropy(scores: Tensor) -> float:
+    log_p = torch.log_softmax(scores.double(), dim=1)
+    entropy = -(log_p.exp() * torch.where(torch.isfinite(log_p), log_p, 0.0)).sum(1)
+    return float(entropy.mean())
+
+
+def screen(
+    dataset: Dataset,
+    probabilities: Tensor | None = None,
+    *,
+    split: str = "test",
+    k: int = 10,
+    betas: Sequence[float] = SCREEN_BETAS,
+    limit: int | None = None,
+) -> dict[str, dict]:
+    """The metrics of each reward's exact top-``k`` on ``split`` (its first ``limit`` samples),
+    and, given ``probabilities`` (SASRec's p_u of those samples, ``[U, I]``), of SASRec's top-k
+    unguided and guided by the popularity prior at each beta. Returns ``{row label: metrics}``."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    _check_betas(betas)
+    samples = dataset.split(split)[:limit]
+    if not samples:
+        raise ValueError(f"the {split} split has no samples to screen")
+    if probabilities is not None and tuple(probabilities.shape) != (len(samples), dataset.num_items):
+        raise ValueError(f"probabilities must have shape {(len(samples), dataset.num_items)}, "
+                         f"got {tuple(probabilities.shape)}")
+    targets = [dataset.titles[sample.target] for sample in samples]
+    groups, shares = popularity_reference(dataset)
+    rewards = PopularityRewards.from_dataset(dataset)
+
+    def measured(scores: Tensor) -> dict:
+        scores = scores.expand(len(samples), -1)
+        metrics = evaluate_recommendations(top_titles(scores, dataset.titles, k), targets, groups,
+                                           shares, dataset.titles, ks=(k,))
+        return {**metrics, "target_entropy": _row_entropy(scores)}
+
+    rows = {}
+    for variant in REWARD_VARIANTS:
+        if variant != "logp" and probabilities is None:
+            continue
+        scores = rewards.item_log_rewards(variant, probabilities, dtype=torch.float64)
+        rows[f"reward {variant}"] = measured(scores)
+    if probabilities is not None:
+        prior = rewards.item_log_rewards("logp", dtype=torch.float64)
+        log_p = probabilities.double().clamp(min=1e-300).log()
+        for beta in (0.0, *betas):
+            label = "SASRec" if beta == 0 else f"SASRec, guidance beta {beta:g}"
+            rows[label] = measured(log_p - beta * prior)
+    return rows
+
+
+def format_screen(rows: dict[str, dict], k: int = 10) -> str:
+    """The rows as a markdown table."""
+    columns = [column.format(k=k) for column in SCREEN_COLUMNS]
+    lines = ["| top-K of | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, metrics in rows.items():
+        cells = [
+            f"{metrics[c]:.0f}" if c == "distinct_titles" else f"{metrics[c]:.4f}"
+            for c in columns
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _check_betas(betas: Sequence[float]) -> None:
+    for beta in betas:
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(f"betas must be positive numbers, got {beta!r}")

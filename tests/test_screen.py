@@ -1,0 +1,74 @@
+"""``flower-rec screen``: each reward's exact top-K and SASRec's, with and without guidance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flower_rec.cli import main
+from flower_rec.data import popularity_counts
+from flower_rec.prepare import prepare_synthetic
+from flower_rec.screen import format_screen, screen, top_titles
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screen") / "data"
+    prepare_synthetic(folder, items=40, users=120, seed=2, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+    from flower_rec.data import load_dataset
+
+    return load_dataset(data_dir)
+
+
+def test_top_titles_count_a_shared_title_once_and_break_ties_by_id():
+    titles = ["a", "b", "a", "c", "d"]
+    scores = torch.tensor([[1.0, 0.5, 2.0, 0.5, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    assert top_titles(scores, titles, 3) == [["a", "b", "c"], ["a", "b", "c"]]
+
+
+def test_the_popularity_reward_recommends_the_most_popular_titles_to_everyone(dataset):
+    rows = screen(dataset, k=5)
+    assert list(rows) == ["reward logp"]  # the personalised rewards need p_u
+    counts = popularity_counts(dataset, "history")
+    popular = sorted(counts, key=lambda title: (-counts[title], title))[:5]
+    test_targets = [dataset.titles[s.target] for s in dataset.test]
+    expected_hits = sum(target in popular for target in test_targets) / len(test_targets)
+    assert rows["reward logp"]["HR@5"] == pytest.approx(expected_hits)
+    assert rows["reward logp"]["distinct_titles"] == 5
+
+
+def test_sasrec_rows_rank_by_p_u_and_guidance_lowers_popular_items(dataset):
+    samples = dataset.test
+    p = torch.full((len(samples), dataset.num_items), 1e-3)
+    p[torch.arange(len(samples)), torch.tensor([s.target for s in samples])] = 1.0
+    rows = screen(dataset, p / p.sum(1, keepdim=True), k=10, betas=(0.5, 50.0))
+    assert list(rows) == ["reward logp", "reward logp_div_s", "reward logp_add_logs", "SASRec",
+                          "SASRec, guidance beta 0.5", "SASRec, guidance beta 50"]
+    assert rows["SASRec"]["HR@10"] == 1.0  # the target has the highest p_u
+    # A huge beta ranks by inverse popularity: the most popular group vanishes from the lists.
+    assert rows["SASRec, guidance beta 50"]["GP"][0] < rows["SASRec"]["GP"][0]
+    table = format_screen(rows, 10)
+    assert table.count("\n") == len(rows) + 1 and "| SASRec | 1.0000 | 1.0000 |" in table
+
+
+def test_bad_screening_options(dataset):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        screen(dataset, k=0)
+    with pytest.raises(ValueError, match="probabilities must have shape"):
+        screen(dataset, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="betas must be positive numbers"):
+        screen(dataset, torch.zeros(len(dataset.test), dataset.num_items), betas=(-1.0,))
+
+
+def test_screen_command_writes_its_json(data_dir, tmp_path, capsys):
+    assert main(["screen", "--data", str(data_dir), "--k", "5", "--out", str(tmp_path)]) == 0
+    assert "| reward logp |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "screen.json").read_text())
+    assert saved["k"] == 5 and list(saved["rows"]) == ["reward logp"]
