@@ -157,16 +157,16 @@ def build_setup(data_dir: Path) -> Setup:
     )
 
 
-def make_objective(setup: Setup, method: str, flow_loss: str = "subtb"):
+def make_objective(setup: Setup, **options):
+    """The objective of ``options`` (FlowerObjective arguments: method, flow_loss, theta, ...)
+    over the set-up's catalog, rewards and p_u."""
     from flower_rec.train import FlowerObjective
 
     config = setup.config
     return FlowerObjective(
         setup.catalog,
-        method=method,
         eos_token_id=setup.tokenizer.eos_token_id,
-        theta=config.theta,
-        flow_loss=flow_loss,
+        **{"theta": config.theta, **options},
         rewards=setup.rewards,
         reward_variant=config.reward,
         probabilities=setup.probabilities,
@@ -192,14 +192,15 @@ def make_batches(setup: Setup, count: int) -> list[dict[str, torch.Tensor]]:
 
 
 class Run:
-    """One method's model, optimizer and schedule: :meth:`step` is one optimizer step."""
+    """One method's model, optimizer and schedule: :meth:`step` is one optimizer step.
+    ``options``: the objective's (default: :data:`METHODS` ``[name]``)."""
 
-    def __init__(self, setup: Setup, name: str, total_steps: int):
+    def __init__(self, setup: Setup, name: str, total_steps: int, options: dict | None = None):
         from transformers import get_linear_schedule_with_warmup
 
         config = setup.config
         self.name = name
-        self.objective = make_objective(setup, **METHODS[name])
+        self.objective = make_objective(setup, **(METHODS[name] if options is None else options))
         self.model = copy.deepcopy(setup.model).train()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
