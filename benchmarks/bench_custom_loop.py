@@ -62,7 +62,7 @@ class LoopRun:
         self.steps = 0
 
     def step(self, batch) -> torch.Tensor:
-        from flower_rec.train import rollout_seed
+        from flower_rec.training import rollout_seed
 
         setup = self.setup
         generator = torch.Generator().manual_seed(
@@ -90,7 +90,7 @@ class LoopRun:
 
 def assert_same_first_step(setup, example, batch) -> None:
     """The loop's first loss equals the trainer's objective on the same weights and seed."""
-    from flower_rec.train import rollout_seed
+    from flower_rec.training import rollout_seed
 
     loop = LoopRun(setup, example)
     trainer = training_step_bench.Run(setup, "flower", total_steps=1)

@@ -10,14 +10,14 @@ Set-up, as ``flower-rec train`` builds it: the default synthetic dataset
 (``prepare_synthetic(seed=0)`` into a temporary folder), the tiny default model and its BPE
 tokenizer (``TrainConfig`` defaults: hidden 128, 2 layers, 4 heads, a BPE vocabulary of at
 most 2,000 tokens, which the synthetic titles fill to 853; built by
-``flower_rec.train._load_model``), the catalog, the encoded training samples and batches of 16
+``flower_rec.training.run._load_model``), the catalog, the encoded training samples and batches of 16
 from ``RecommendationCollator``. The Flower runs use the paper's default reward ``logp_div_s``
 with ``p_u`` a fixed random table (softmax of seeded Gaussian scores, one row per training sample)
 instead of a trained SASRec: the reward's cost does not depend on where ``p_u`` comes from, and
 no auxiliary model has to be trained first.
 
-A step is what :class:`flower_rec.train.FlowerTrainer` runs per batch: the loss of
-:class:`flower_rec.train.FlowerObjective` (Flower: rollout, then one teacher-forced forward for the
+A step is what :class:`flower_rec.training.FlowerTrainer` runs per batch: the loss of
+:class:`flower_rec.training.FlowerObjective` (Flower: rollout, then one teacher-forced forward for the
 SFT target and the trajectory together), backward, gradient clipping at 1, an AdamW step and the
 linear learning-rate schedule. The three methods start from the same initial weights, see the
 same batches in the same order and take their steps interleaved (the order rotating each step),
@@ -114,13 +114,8 @@ def build_setup(data_dir: Path) -> Setup:
     from flower_rec.prepare import prepare_synthetic
     from flower_rec.prompts import build_prompt
     from flower_rec.rewards import PopularityRewards
-    from flower_rec.train import (
-        RecommendationCollator,
-        TrainConfig,
-        _load_model,
-        _probability_source,
-        encode_samples,
-    )
+    from flower_rec.training import RecommendationCollator, TrainConfig, encode_samples
+    from flower_rec.training.run import _load_model, _probability_source
 
     prepare_synthetic(data_dir, seed=SEED, progress=False)
     dataset = load_dataset(data_dir)
@@ -160,7 +155,7 @@ def build_setup(data_dir: Path) -> Setup:
 def make_objective(setup: Setup, **options):
     """The objective of ``options`` (FlowerObjective arguments: method, flow_loss, theta, ...)
     over the set-up's catalog, rewards and p_u."""
-    from flower_rec.train import FlowerObjective
+    from flower_rec.training import FlowerObjective
 
     config = setup.config
     return FlowerObjective(
@@ -214,7 +209,7 @@ class Run:
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step on ``batch``; returns its wall time in seconds."""
-        from flower_rec.train import rollout_seed
+        from flower_rec.training import rollout_seed
 
         start = time.perf_counter()
         seed = None

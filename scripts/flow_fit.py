@@ -34,7 +34,7 @@ from flower_rec.models import corpus, tiny_llama, train_tokenizer
 from flower_rec.prepare import prepare_synthetic
 from flower_rec.prompts import build_prompt
 from flower_rec.rewards import PopularityRewards
-from flower_rec.train import (
+from flower_rec.training import (
     FLOW_LOSSES,
     POLICIES,
     FlowerObjective,

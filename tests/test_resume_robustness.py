@@ -37,7 +37,7 @@ from test_train import (  # noqa: F401 (data_dir, dataset, one_thread, uninterru
 from transformers import TrainerCallback
 
 from flower_rec.files import atomic_files
-from flower_rec.train import CONFIG_FILE, METRICS_FILE, MetricsFileCallback, train
+from flower_rec.training import CONFIG_FILE, METRICS_FILE, MetricsFileCallback, train
 
 # What the Trainer writes into a checkpoint, in its order (Trainer._save_checkpoint): the model,
 # the optimizer, the schedule, the RNG state, the trainer state.
@@ -146,7 +146,7 @@ KILLED_WRITING_OPTIMIZER = textwrap.dedent(
     import io, json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from flower_rec.train import TrainConfig, train
+    from flower_rec.training import TrainConfig, train
 
     save = torch.save
 

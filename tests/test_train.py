@@ -1,4 +1,4 @@
-"""Training (flower_rec.train): the objective's pieces, the losses going down, run folders,
+"""Training (flower_rec.training): the objective's pieces, the losses going down, run folders,
 resumption after a crash or a SIGKILL, validation and early stopping, the prompt cutoff, bad
 configurations, LoRA, bf16 and 2-process DDP.
 
@@ -26,7 +26,7 @@ from flower_rec.models import corpus, tiny_llama, train_tokenizer
 from flower_rec.prepare import prepare_synthetic
 from flower_rec.prompts import PromptCutoffError, build_prompt, encode, fit_prompts
 from flower_rec.rewards import PopularityRewards
-from flower_rec.train import (
+from flower_rec.training import (
     CONFIG_FILE,
     METRICS_FILE,
     FlowerObjective,
@@ -381,7 +381,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, tmp_pat
         torch.set_num_threads(1)
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_train import Crash
-        from flower_rec.train import TrainConfig, train
+        from flower_rec.training import TrainConfig, train
         train(TrainConfig(**json.loads(sys.argv[1])), callbacks=[Crash(5, kill=True)])
         """
     )
@@ -481,7 +481,7 @@ def test_ddp_two_processes(data_dir, dataset, tmp_path):
                      **FLOWER).to_dict()
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys\nfrom flower_rec.train import TrainConfig, train\n"
+        "import json, sys\nfrom flower_rec.training import TrainConfig, train\n"
         "train(TrainConfig(**json.loads(sys.argv[1])))\n"
     )
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not found")

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flower_rec.cli import main
-from flower_rec.train import FIELD_RULES, TrainConfig, TrainConfigError, train
+from flower_rec.training import FIELD_RULES, TrainConfig, TrainConfigError, train
 
 # The options by the kind of value they take (the specification the validator is tested
 # against, written out independently of FIELD_RULES).

@@ -139,7 +139,7 @@ def _train_aux(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .files import read_yaml
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     options = {}
     if args.config:
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import DECODING_MODES
     from .prompts import DOMAINS
     from .rewards import REWARD_VARIANTS
-    from .train import FLOW_LOSSES, POLICIES
+    from .training import FLOW_LOSSES, POLICIES
 
     demo = commands.add_parser(
         "demo",

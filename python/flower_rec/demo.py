@@ -105,7 +105,7 @@ DEMO_RULES: dict[str, Rule] = {
 @dataclass(frozen=True)
 class Variant:
     """One fine-tuned model of a comparison; ``name`` is its run folder and its table label,
-    ``options`` its :class:`~flower_rec.train.TrainConfig` options (e.g. a named variant's,
+    ``options`` its :class:`~flower_rec.training.TrainConfig` options (e.g. a named variant's,
     :func:`flower_rec.variants.variant_options`); the demo's settings fill in the rest."""
 
     name: str
@@ -115,7 +115,7 @@ class Variant:
     @property
     def personalised(self) -> bool:
         """Whether the variant's reward needs p_u (TrainConfig's default reward does)."""
-        from .train import TrainConfig
+        from .training import TrainConfig
 
         return self.options.get("method") == "flower" and \
             self.options.get("reward", TrainConfig.reward) != "logp"
@@ -144,7 +144,7 @@ def _train_variant(
 ) -> float:
     """Trains one variant unless its run is complete; returns the training seconds of the run
     (read back from its metrics when it was trained before)."""
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     if not _trained(run):
         protocol: dict[str, Any] = {"save_steps": 200}

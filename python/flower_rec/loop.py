@@ -1,6 +1,6 @@
 """Flower in any training loop: the on-policy rollout and the teacher-forced state logits that
 :mod:`flower_ext.losses` takes, for a Hugging Face causal LM. The bundled trainer
-(:mod:`flower_rec.train`) runs on these same functions; ``examples/custom_loop.py`` runs a whole
+(:mod:`flower_rec.training`) runs on these same functions; ``examples/custom_loop.py`` runs a whole
 step with them.
 
 One Flower step, with ``trie = Trie.from_sequences([s + [eos] for s in item_sequences])``, the

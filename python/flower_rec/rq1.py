@@ -168,7 +168,7 @@ RQ1_RULES: dict[str, Rule] = {
 
 def _train_run(config: RQ1Config, variant: str, seed: int, data: Path, counts: Path,
                run: Path, steps_per_epoch: int) -> None:
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     if (run / "config.json").is_file() and any(run.glob("model*.safetensors")):
         return
