@@ -42,11 +42,27 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "not a dataset folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "content, problem",
+    [("{not json", "Expecting property name"), ("[1, 2]", "not a JSON object {title: count}")],
+)
+@pytest.mark.parametrize("option", ["--guidance-prior", "--target-distribution"])
+def test_evaluate_names_a_bad_json_file(dataset_dir, tmp_path, capsys, option, content, problem):
+    bad = tmp_path / "counts.json"
+    bad.write_text(content)
+    argv = ["evaluate", "--data", str(dataset_dir), "--model", str(tmp_path / "no-model"),
+            "--out", str(tmp_path / "out"), option, str(bad)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{bad}: " in error and problem in error and "Traceback" not in error
+
+
 def test_help_names_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out
-    assert all(command in help_text for command in ("prepare", "stats", "evaluate"))
+    commands = ("prepare", "stats", "evaluate", "train", "demo", "rq1", "screen", "train-aux")
+    assert all(command in help_text for command in commands)
 
 
 def test_train_from_yaml_with_overrides_then_evaluate(dataset_dir, tmp_path):

@@ -289,6 +289,8 @@ BAD_CSV = [
         re.escape("history_item_title \"__import__('os')\" is not a list literal"),
     ),
     ("test", ']",150', ']",15o', 2, "timestamp '15o' is not an integer"),
+    ("test", ']",150', ']",99999999999999999999', 2,
+     re.escape("timestamp '99999999999999999999' is not a date: unix seconds must lie in")),
     ("test", ",5.0,", ",nan,", 2, "rating 'nan' is not a finite number"),
     (
         "train",

@@ -57,23 +57,25 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .data import load_dataset
     from .evaluate import evaluate, resolve_guidance, write_evaluation
+    from .files import reading
     from .rewards import PopularityRewards
 
     resolve_guidance(args.guidance, args.guidance_form)  # a bad value fails before any loading
 
+    # Every file is read, and named if it is bad, before the model loads.
+    target = None if args.target_distribution is None else _read_counts(args.target_distribution)
+    counts = None if args.guidance_prior is None else _read_counts(args.guidance_prior)
     dataset = load_dataset(args.data)
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    target = None
-    if args.target_distribution:
-        target = json.loads(Path(args.target_distribution).read_text(encoding="utf-8"))
     prior = None
-    if args.guidance_prior:
-        counts = json.loads(Path(args.guidance_prior).read_text(encoding="utf-8"))
-        prior = PopularityRewards.from_counts(dataset.titles, counts).item_log_rewards(
-            "logp", dtype=torch.float64
-        )
+    if counts is not None:
+        with reading(args.guidance_prior):
+            prior = PopularityRewards.from_counts(dataset.titles, counts).item_log_rewards(
+                "logp", dtype=torch.float64
+            )
+    torch.manual_seed(args.seed)
+    with reading(f"model {args.model}"):
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     evaluation = evaluate(
         model, tokenizer, dataset, split=args.split, mode=args.mode, k=args.k,
         domain=args.domain, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
@@ -90,6 +92,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{name:>18}  {evaluation.metrics[name]:.4f}")
     print(f"wrote {path}, {path.parent / 'recommendations.jsonl'}, {path.parent / 'groups.png'}")
     return 0
+
+
+def _read_counts(path: str) -> dict:
+    """A JSON file ``{title: count}``; ValueError naming the file otherwise."""
+    from .files import read_json, reading
+
+    counts = read_json(path)
+    with reading(path):
+        if not isinstance(counts, dict):
+            raise ValueError("not a JSON object {title: count}")
+    return counts
 
 
 AUX_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")

@@ -299,6 +299,21 @@ def _parse_str_list(text: str, column: str) -> list[str]:
     return value
 
 
+# Unix seconds of 0001-01-01 and 9999-12-31 23:59:59 UTC: what a date can show.
+_TIMESTAMP_RANGE = (-62135596800, 253402300799)
+
+
+def _check_timestamps(stamps: tuple[int, ...], column: str) -> tuple[int, ...]:
+    low, high = _TIMESTAMP_RANGE
+    for stamp in stamps:
+        if not low <= stamp <= high:
+            raise ValueError(
+                f"{column} {_short(str(stamp))} is not a date: unix seconds must lie in "
+                f"[{low}, {high}] (years 1 to 9999)"
+            )
+    return stamps
+
+
 def _parse_float(text: str, column: str) -> float:
     try:
         value = float(text)
@@ -431,14 +446,18 @@ def _parse_row(
         _check_length("history_rating", len(ratings), len(history))
     text = cell("history_timestamp")
     if text is not None:
-        timestamps = tuple(_parse_int_list(text, "history_timestamp"))
+        timestamps = _check_timestamps(_parse_int_list(text, "history_timestamp"),
+                                       "history_timestamp")
         _check_length("history_timestamp", len(timestamps), len(history))
     rating_text, timestamp_text = cell("rating"), cell("timestamp")
+    timestamp = None
+    if timestamp_text is not None:
+        (timestamp,) = _check_timestamps((_parse_int(timestamp_text, "timestamp"),), "timestamp")
     return Sample(
         history=history,
         target=target,
         user=cell("user_id"),
-        timestamp=None if timestamp_text is None else _parse_int(timestamp_text, "timestamp"),
+        timestamp=timestamp,
         rating=None if rating_text is None else _parse_float(rating_text, "rating"),
         history_timestamps=timestamps,
         history_ratings=ratings,
