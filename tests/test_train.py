@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_ext import losses
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from flower_rec.decoding import Catalog
@@ -718,6 +719,8 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
         ({"method": "flower", "leakage_weight": -1}, "leakage_weight must be a non-negative"),
         ({"method": "flower", "off_policy_share": 1.2}, r"off_policy_share must lie in \[0, 1\]"),
         ({"rollout_temperature": 0}, "rollout_temperature must be a positive number"),
+        ({"method": "flower", "reward": "logp", "rollout": "published", "policy": "masked"},
+         "rollout 'published' is the released SubTB step alone"),
         ({"method": "flower", "reward": "logp", "reward_counts": "missing.json"},
          "reward_counts file"),
         ({"floor_count": 0}, "floor_count must be a positive number"),
@@ -807,3 +810,93 @@ def test_off_policy_trajectories_need_no_model_rollout(dataset, tokenizer, catal
 def test_objective_refuses_bad_variants(dataset, tokenizer, catalog, options, message):
     with pytest.raises(ValueError, match=message):
         objective(dataset, tokenizer, catalog, method="flower", reward_variant="logp", **options)
+
+
+# -- the released rollout, for parity ---------------------------------------------------------
+
+
+def published_flow(dataset, tokenizer):
+    from flower_rec.prompts import build_prompt, item_token_sequences
+    from flower_rec.training.published import PublishedFlow
+
+    items = item_token_sequences(dataset.titles, tokenizer, build_prompt([]), termination="split")
+    return PublishedFlow(items, pad_token=tokenizer.eos_token_id)
+
+
+def test_published_rollout_forwards_each_step_on_the_previous_token_alone(dataset, tokenizer,
+                                                                         batch):
+    """The released rollout's logits: the first over the prompt right-padded with EOS (no mask),
+    every later one over the previous token alone; with gradient; each row an item ending with
+    the bare newline."""
+    from flower_rec.training.published import published_rollout
+
+    flow = published_flow(dataset, tokenizer)
+    model = new_model(tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    trie = flow.trie(torch.device("cpu"))
+    sample, logits = published_rollout(model, ids, mask, trie, flow.termination,
+                                       tokenizer.eos_token_id, torch.Generator().manual_seed(0))
+    assert logits.requires_grad and logits.shape[:2] == sample.path.shape
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            prompt = ids[row, mask[row].bool()]
+            padded = torch.cat([prompt, prompt.new_full((ids.shape[1] - len(prompt),),
+                                                        tokenizer.eos_token_id)])
+            torch.testing.assert_close(logits[row, 0], model(padded[None]).logits[0, -1])
+            length = int(sample.lengths[row])
+            for step in range(1, length + 1):
+                alone = model(sample.actions[row, step - 1].view(1, 1)).logits[0, -1]
+                torch.testing.assert_close(logits[row, step], alone)
+            item = sample.actions[row, :length].tolist() + [flow.termination]
+            assert item in flow.items.sequences
+
+
+def test_published_rewards_divide_the_path_by_the_scale(dataset, tokenizer):
+    from flower_rec.training.published import published_state_log_rewards
+
+    flow = published_flow(dataset, tokenizer)
+    trie = flow.trie(torch.device("cpu"))
+    flows = trie.log_flows(PopularityRewards.from_dataset(dataset).item_log_rewards("logp"))
+    sequences = flow.items.sequences[:4]
+    actions = torch.full((4, max(map(len, sequences))), flow.termination)
+    for row, sequence in enumerate(sequences):
+        actions[row, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+    lengths = torch.tensor([len(s) - 1 for s in sequences])
+    path = losses.path_nodes(trie, actions, lengths)
+    ours = losses.state_log_rewards(trie, flows, path, flow.termination)
+    theirs = published_state_log_rewards(trie, flows, path, flow.termination, torch.ones(4))
+    existing = torch.arange(path.shape[1]) <= lengths.unsqueeze(1)
+    torch.testing.assert_close(theirs[existing], ours[existing])  # logp: the same rewards
+    halved = published_state_log_rewards(trie, flows, path, flow.termination, torch.full((4,), 2.0))
+    last = (torch.arange(4), lengths)
+    torch.testing.assert_close(halved[last], ours[last] / 2)  # a complete title: all divided
+    assert torch.all(halved[:, 0] == losses.INCOMPLETE_LOG_REWARD)  # the root: -15 undivided
+
+
+def test_published_objective_trains_and_refuses_other_options(dataset, tokenizer, catalog, batch):
+    p = fake_probabilities(len(dataset.train), dataset.num_items)
+    loss = objective(dataset, tokenizer, catalog, method="flower", reward_variant="logp_div_s",
+                     probabilities=lambda i: p[i], theta=0.5,
+                     published=published_flow(dataset, tokenizer))
+    model = new_model(tokenizer)
+    terms = loss(model, batch, seed=0)
+    terms.loss.backward()
+    assert torch.isfinite(terms.flow) and terms.flow > 0
+    assert all(torch.isfinite(w.grad).all() for w in model.parameters() if w.grad is not None)
+    with pytest.raises(ValueError, match="the published rollout is the released SubTB step"):
+        objective(dataset, tokenizer, catalog, method="flower", reward_variant="logp",
+                  policy="masked", published=published_flow(dataset, tokenizer))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"rollout": "published"},
+     {"policy": "masked", "leakage_weight": 0.5, "off_policy_share": 0.5,
+      "rollout_temperature": 1.5}],
+    ids=["published", "masked-conservative-mixed"],
+)
+def test_runs_with_the_new_objectives(data_dir, tmp_path, options):
+    run = train(config(data_dir, tmp_path / "run", method="flower", reward="logp", theta=0.5,
+                       max_steps=2, save_steps=2, **options))
+    lines = metric_lines(run)
+    assert math.isfinite(lines[0]["subtb"]) and ("leakage" in lines[0]) == ("policy" in options)

@@ -27,6 +27,7 @@ NON_NEGATIVE_NUMBERS = ("weight_decay", "max_grad_norm", "epochs", "leakage_weig
 BOOLEANS = ("lora", "bf16", "resume", "tensorboard", "progress")
 CHOICES = {"method": ("sft", "flower"), "reward": ("logp", "logp_div_s", "logp_add_logs"),
            "flow_loss": ("subtb", "flow_matching"), "policy": ("full", "masked"),
+           "rollout": ("ours", "published"),
            "domain": ("items", "movies", "video_games", "cds")}
 PATHS = ("data", "out")
 

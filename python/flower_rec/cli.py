@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import DECODING_MODES
     from .prompts import DOMAINS
     from .rewards import REWARD_VARIANTS
-    from .training import FLOW_LOSSES, POLICIES
+    from .training import FLOW_LOSSES, POLICIES, ROLLOUTS
 
     demo = commands.add_parser(
         "demo",
@@ -376,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--rollout-temperature", dest="rollout_temperature", type=float,
         help="temperature of the on-policy rollouts (default 1)",
+    )
+    training.add_argument(
+        "--rollout", choices=ROLLOUTS,
+        help="ours (default) or published: the released code's SubTB step, for parity "
+        "(context-free forwards after the prompt; not a recommended setting)",
     )
     training.add_argument(
         "--reward-counts", dest="reward_counts", metavar="JSON",

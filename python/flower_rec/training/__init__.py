@@ -74,6 +74,7 @@ from .config import (
     METHODS,
     METRICS_FILE,
     POLICIES,
+    ROLLOUTS,
     TrainConfig,
     TrainConfigError,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "FLOW_LOSSES",
     "METHODS",
     "POLICIES",
+    "ROLLOUTS",
     "METRICS_FILE",
     "FlowerObjective",
     "FlowerTrainer",

@@ -31,6 +31,7 @@ from ..rewards import DEFAULT_FLOOR_COUNT, REWARD_VARIANTS
 METHODS = ("sft", "flower")
 FLOW_LOSSES = ("subtb", "flow_matching")
 POLICIES = ("full", "masked")
+ROLLOUTS = ("ours", "published")
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -82,6 +83,7 @@ FIELD_RULES: dict[str, Rule] = {
     "leakage_weight": _NON_NEGATIVE,
     "off_policy_share": number(0, 1, must="lie in [0, 1]"),
     "rollout_temperature": _POSITIVE,
+    "rollout": one_of(ROLLOUTS),
     "reward_counts": optional(PATH),
     "floor_count": _POSITIVE,
     "aux_probabilities": _PROBABILITIES,
@@ -143,6 +145,12 @@ class TrainConfig:
         off_policy_share: share of the SubTB trajectories drawn exactly from each user's
             R_u / Z_u instead of the model (0: all on-policy, the paper's).
         rollout_temperature: temperature of the on-policy rollouts (1: the paper's).
+        rollout: ``ours`` (the method) or ``published``: the released code's SubTB step,
+            reproduced for parity (:mod:`flower_rec.training.published`: context-free
+            forwards after the prompt, right padding without a mask, "\n" as the termination
+            token, the personalised division along the sampled path). Needs the subtb flow
+            loss, the full policy, no penalty or off-policy share and the reward ``logp`` or
+            ``logp_div_s``. Not a recommended setting.
         reward_counts: JSON ``{title: count}`` to use as the popularity of the rewards instead
             of the training-history counts (e.g. a target distribution); None: history counts.
         floor_count: popularity count of titles never seen in a training history.
@@ -198,6 +206,7 @@ class TrainConfig:
     leakage_weight: float = 0.0
     off_policy_share: float = 0.0
     rollout_temperature: float = 1.0
+    rollout: str = "ours"
     reward_counts: str | None = None
     floor_count: float = DEFAULT_FLOOR_COUNT
     aux_probabilities: Any = None
@@ -286,6 +295,14 @@ class TrainConfig:
                 "every validation sample, from the same auxiliary recommender; `flower-rec train "
                 "--aux` computes both)"
             )
+        if self.rollout == "published" and (
+            self.flow_loss != "subtb" or self.policy != "full" or self.leakage_weight
+            or self.off_policy_share or self.rollout_temperature != 1
+            or self.reward == "logp_add_logs"
+        ):
+            fail("rollout 'published' is the released SubTB step alone: it needs flow_loss "
+                 "'subtb', policy 'full', leakage_weight 0, off_policy_share 0, "
+                 "rollout_temperature 1 and reward 'logp' or 'logp_div_s'")
         if self.reward_counts is not None and not Path(self.reward_counts).is_file():
             fail(f"reward_counts file {str(self.reward_counts)!r} does not exist")
         if not Path(self.data).is_dir():

@@ -25,6 +25,7 @@ from ..loop import (
 )
 from ..rewards import PopularityRewards
 from .config import FLOW_LOSSES, METHODS, POLICIES, ProbabilitySource
+from .published import PublishedFlow
 
 # ---------------------------------------------------------------------------------------------
 # the objective
@@ -80,6 +81,9 @@ class FlowerObjective:
             (:func:`flower_rec.loop.reward_rollout`, no model forward) instead of the model;
             each row is off-policy with this probability.
         rollout_temperature: temperature of the on-policy rollouts.
+        published: the released code's SubTB step instead of ours
+            (:class:`flower_rec.training.published.PublishedFlow`, ``rollout: published``; with
+            the subtb flow loss, the full policy and no penalty or off-policy share).
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class FlowerObjective:
         leakage_weight: float = 0.0,
         off_policy_share: float = 0.0,
         rollout_temperature: float = 1.0,
+        published: PublishedFlow | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -112,6 +117,15 @@ class FlowerObjective:
                 raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
         if not (rollout_temperature > 0 and rollout_temperature < float("inf")):
             raise ValueError(f"rollout_temperature must be a positive number, got {rollout_temperature!r}")
+        if published is not None and (
+            flow_loss != "subtb" or policy != "full" or leakage_weight or off_policy_share
+            or rollout_temperature != 1.0 or reward_variant == "logp_add_logs"
+        ):
+            raise ValueError(
+                "the published rollout is the released SubTB step alone: flow_loss 'subtb', "
+                "policy 'full', no leakage_weight or off_policy_share, rollout_temperature 1, "
+                "reward 'logp' or 'logp_div_s'"
+            )
         if method == "flower" and rewards is None:
             raise ValueError("the flower method needs item rewards")
         if method == "flower" and reward_variant != "logp" and probabilities is None:
@@ -134,6 +148,7 @@ class FlowerObjective:
         self.leakage_weight = float(leakage_weight)
         self.off_policy_share = float(off_policy_share)
         self.rollout_temperature = float(rollout_temperature)
+        self.published = published
         # The loss trie: each item's sequence, then ⊤ = EOS; identical sequences share a leaf.
         self.loss_trie = Trie.from_sequences(
             [list(s) + [self.eos] for s in sequences], list(range(len(sequences)))
@@ -249,8 +264,8 @@ class FlowerObjective:
             trie = state["trie"]
             item_rewards = self.item_log_rewards(inputs["sample_index"], device, probabilities)
             flows = state["flows"] if "flows" in state else trie.log_flows(item_rewards)
-        if self.sampled:
-            generator = None if seed is None else self._generator(model, seed)
+        generator = None if seed is None else self._generator(model, seed)
+        if self.sampled and self.published is None:
             sample = self.trajectories(model, inputs, item_rewards, generator)
             continuations.append((sample.actions, sample.lengths))
         logits = continuation_logits(model, input_ids, attention_mask, continuations)
@@ -258,6 +273,17 @@ class FlowerObjective:
         if self.method == "sft":
             return LossTerms(sft, sft)
 
+        if self.published is not None:
+            personal = None
+            if self.personalised:
+                source = self.probabilities if probabilities is None else probabilities
+                personal = source(inputs["sample_index"])
+            flow = self.published.loss(
+                model, input_ids, attention_mask, self.rewards.item_log_rewards("logp"),
+                personal, generator,
+            )
+            return LossTerms(losses.flower_loss(sft, flow, self.theta), sft, flow,
+                             self.flow_loss)
         if self.sampled:
             states, path = logits[1], sample.path
             log_rewards = losses.state_log_rewards(trie, flows, path, self.eos)

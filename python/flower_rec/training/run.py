@@ -21,7 +21,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from ..data import Dataset, load_dataset
 from ..decoding import Catalog
 from ..files import atomic_files, atomic_open, check_whole, read_json, reading
-from ..prompts import PromptCutoffError, build_prompt
+from ..prompts import PromptCutoffError, build_prompt, item_token_sequences
 from ..rewards import PopularityRewards
 from .config import (
     CHECKPOINT_DIR,
@@ -33,6 +33,7 @@ from .config import (
     TrainConfigError,
 )
 from .objective import FlowerObjective
+from .published import PublishedFlow
 from .samples import RecommendationCollator, SampleSet, encode_samples
 from .trainer import FlowerTrainer, MetricsFileCallback, SaveBestCallback
 
@@ -89,6 +90,18 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
             ),
         )
     return model, tokenizer
+
+
+def _published_flow(config: TrainConfig, dataset: Dataset, tokenizer) -> PublishedFlow | None:
+    """The released SubTB step's items (``rollout: published``), else None."""
+    if config.rollout != "published" or config.method != "flower":
+        return None
+    try:
+        items = item_token_sequences(dataset.titles, tokenizer, build_prompt([], config.domain),
+                                     termination="split")
+    except ValueError as error:
+        raise TrainConfigError(f"rollout 'published': {error}") from None
+    return PublishedFlow(items, pad_token=tokenizer.eos_token_id)
 
 
 def _popularity_rewards(config: TrainConfig, dataset: Dataset) -> PopularityRewards:
@@ -341,6 +354,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         leakage_weight=config.leakage_weight,
         off_policy_share=config.off_policy_share,
         rollout_temperature=config.rollout_temperature,
+        published=_published_flow(config, dataset, tokenizer),
     )
 
     all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]
