@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from paths import ROOT
+
 # The modules of the rec extra (pyyaml is imported as yaml). flower_ext must import none of them.
 REC_MODULES = ("transformers", "accelerate", "tokenizers", "matplotlib", "tqdm", "yaml")
 # flower_ext's modules as of this writing; the test imports whatever the package holds, and checks
@@ -134,7 +136,7 @@ def test_flower_rec_imports_with_the_rec_extra(tmp_path):
 
 def test_pyproject_keeps_the_core_light():
     tomllib = pytest.importorskip("tomllib")
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pyproject = ROOT / "pyproject.toml"
     if not pyproject.exists():
         pytest.skip("no pyproject.toml beside the tests")
     project = tomllib.loads(pyproject.read_text())["project"]

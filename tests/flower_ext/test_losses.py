@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from flower_ext import Trie, losses
-from flower_ext import reference as ref_ops
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flower_ext import Trie, losses
+from flower_ext import reference as ref_ops
 from strategies import (
     SEEDS,
     SMALL_VOCAB,

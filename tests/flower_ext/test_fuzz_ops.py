@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_ext import Trie, ops
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from flower_ext import Trie, ops
+from paths import TESTS
 from strategies import SMALL_END, SMALL_VOCAB, catalogs
 
 OVERLAP = "more than one element of the written-to tensor"
@@ -237,7 +238,7 @@ def test_random_corruptions_never_crash():
     output = run_isolated(
         f"""
         import random, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path[:0] = [{os.path.dirname(__file__)!r}, {str(TESTS)!r}]
         import test_fuzz_ops as fuzz
         from flower_ext import Trie
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from flower_ext import Trie
 
+from flower_ext import Trie
 from flower_rec.data import popularity_counts
 from flower_rec.prepare import prepare_synthetic
 from flower_rec.rewards import (

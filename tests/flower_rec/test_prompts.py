@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -24,8 +23,8 @@ from flower_rec.prompts import (
     response_text,
 )
 from helpers_data import synthetic_titles, train_bpe
+from paths import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 QWEN_TOKENIZER = SHARED / "models/qwen3-tokenizer/tokenizer.json"
 VIDEO_GAMES_TITLES = (
     SHARED / "data/flower_official/Video_Games/info/Video_Games_5_2015-10-2018-11.txt"

@@ -29,8 +29,8 @@ from flower_rec.data import (
     popularity_groups,
     save_dataset,
 )
+from paths import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 OFFICIAL = SHARED / "data" / "flower_official"
 PUBLISHED = {
     # dataset: (file-name suffix of the catalog/CSVs, suffix of the group files)

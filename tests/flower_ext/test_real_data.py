@@ -23,16 +23,16 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
-from flower_ext import Trie
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from flower_ext import Trie
+from paths import SHARED
+
 # The repository sits beside a folder shared/ (here and on CI).
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 INFO = SHARED / "data" / "flower_official" / "Video_Games" / "info"
 TOKENIZER = SHARED / "models" / "qwen3-tokenizer" / "tokenizer.json"
 SUFFIX = "5_2015-10-2018-11"

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
+
 EXAMPLE = ROOT / "examples" / "custom_loop.py"
 SECTION = "## Using the ops from another trainer"
 CORE_FUNCTIONS = ("catalog_trie", "training_step", "recommend")

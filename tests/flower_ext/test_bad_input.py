@@ -4,8 +4,8 @@ names the problem, and never crashes the process (docs/design.md sections 3 and 
 import numpy as np
 import pytest
 import torch
-from flower_ext import Trie, losses, ops
 
+from flower_ext import Trie, losses, ops
 from strategies import DEVICES
 
 # Items 0 and 3 are duplicates; item 1 is a prefix of item 0; token 0 terminates. Nodes: 0 root,

@@ -17,19 +17,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_ext import losses
+from runs import (
+    EARLY,
+    FLOWER,
+    Crash,
+    Steps,
+    assert_same_run,
+    config,
+    metric_lines,
+    weights,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
+from flower_ext import losses
 from flower_rec.decoding import Catalog
 from flower_rec.evaluate import evaluate
 from flower_rec.loop import _stacked_logits, continuation_logits
 from flower_rec.models import corpus, tiny_llama, train_tokenizer
-from flower_rec.prepare import prepare_synthetic
 from flower_rec.prompts import PromptCutoffError, build_prompt, encode, fit_prompts
 from flower_rec.rewards import PopularityRewards
 from flower_rec.training import (
     CONFIG_FILE,
-    METRICS_FILE,
     FlowerObjective,
     FlowerTrainer,
     RecommendationCollator,
@@ -38,36 +46,6 @@ from flower_rec.training import (
     encode_samples,
     train,
 )
-
-TINY = {"tiny_hidden_size": 32, "tiny_layers": 1, "tiny_heads": 2}
-# Keys of the final summary line that depend on wall time or on the session (a resumed run's
-# train_loss averages its own steps only).
-SESSION_KEYS = {
-    "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
-    "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "synthetic"
-    prepare_synthetic(path, items=60, users=300, seed=0, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def dataset(data_dir):
-    from flower_rec.data import load_dataset
-
-    return load_dataset(data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -291,23 +269,6 @@ def test_flow_objectives_alone_bring_items_out_in_proportion_to_their_reward(
 # -- runs -------------------------------------------------------------------------------------
 
 
-def config(data_dir, out, **options) -> TrainConfig:
-    values = {
-        **TINY, "data": data_dir, "out": out, "batch_size": 8, "logging_steps": 1,
-        "save_steps": 3, "max_steps": 6, "warmup_steps": 2, "progress": False, **options,
-    }
-    return TrainConfig(**values)
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in SESSION_KEYS} for line in lines]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return AutoModelForCausalLM.from_pretrained(run_dir).state_dict()
-
-
 def test_sft_run_folder_reloads_for_evaluation(data_dir, dataset, tmp_path):
     run = train(config(data_dir, tmp_path / "run"))
     assert json.loads((run / CONFIG_FILE).read_text())["method"] == "sft"
@@ -320,45 +281,6 @@ def test_sft_run_folder_reloads_for_evaluation(data_dir, dataset, tmp_path):
     evaluation = evaluate(model, tokenizer, dataset, limit=4, progress=False)
     assert len(evaluation.recommendations) == 4
     assert all(len(r) == 10 for r in evaluation.recommendations)
-
-
-class Crash(TrainerCallback):
-    """Fails (in-process) or SIGKILLs the run at the end of optimizer step ``step``."""
-
-    def __init__(self, step: int, kill: bool = False):
-        self.step, self.kill = step, kill
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            if self.kill:
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError("simulated crash")
-
-
-class Steps(TrainerCallback):
-    """Records the optimizer steps a session runs."""
-
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
-
-
-FLOWER = {"method": "flower", "reward": "logp", "theta": 0.9}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory) -> Path:
-    """A flower (subtb) run of 6 steps with checkpoints at 3 and 6."""
-    return train(config(data_dir, tmp_path_factory.mktemp("runs") / "whole", **FLOWER))
-
-
-def assert_same_run(resumed: Path, whole: Path) -> None:
-    assert metric_lines(resumed) == metric_lines(whole)
-    expected = weights(whole)
-    for name, tensor in weights(resumed).items():
-        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(data_dir, tmp_path, uninterrupted):
@@ -381,7 +303,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, tmp_pat
         import torch
         torch.set_num_threads(1)
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_train import Crash
+        from runs import Crash
         from flower_rec.training import TrainConfig, train
         train(TrainConfig(**json.loads(sys.argv[1])), callbacks=[Crash(5, kill=True)])
         """
@@ -583,8 +505,7 @@ class Evaluated(TrainerCallback):
 
 
 # SFT at a learning rate high enough for the validation loss to turn up within a few steps.
-EARLY = {"method": "sft", "learning_rate": 0.1, "warmup_steps": 0, "max_steps": 30,
-         "eval_steps": 1, "valid_limit": 16, "early_stopping_patience": 2}
+
 
 
 def eval_losses(run: Path) -> dict[int, float]:

@@ -5,11 +5,11 @@ catalogs, plus ``torch.library.opcheck``, ``gradcheck`` (float64),
 
 import pytest
 import torch
-from flower_ext import Trie, ops
-from flower_ext import reference as ref_ops
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flower_ext import Trie, ops
+from flower_ext import reference as ref_ops
 from strategies import DEVICES, SAMPLE, SEEDS, Catalog, build, catalogs, seeded
 
 VALUE_DTYPES = st.sampled_from([torch.float32, torch.float64])

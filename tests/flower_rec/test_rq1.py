@@ -13,8 +13,9 @@ import pytest
 from flower_rec.cli import main
 from flower_rec.data import DatasetError, load_dataset
 from flower_rec.rq1 import RQ1Config, load_rq1, rq1_dataset, run_rq1
+from paths import SHARED
 
-SHARED_RQ1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "flower_official" / "Movies_RQ1"
+SHARED_RQ1 = SHARED / "data" / "flower_official" / "Movies_RQ1"
 
 
 def write_rq1(root: Path, counts: dict[str, int], num_train: int, num_test: int, size: int = 6):

@@ -9,7 +9,6 @@ import json
 import math
 import struct
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from flower_rec.metrics import (
     ranking_metrics,
     write_report,
 )
+from paths import SHARED
 
 LOG2_3 = math.log2(3)
 LOG2_6 = math.log2(6)
@@ -351,7 +351,6 @@ def test_plot_distribution_fit_png(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the published Video_Games popularity groups
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 INFO = SHARED / "data" / "flower_official" / "Video_Games" / "info"
 COUNTS_FILE = INFO / "Video_Games_title_interaction_5_2015-10-2018-11.json"
 GROUPS_FILE = INFO / "Video_Games_group_title_8_2015-10-2018-11.json"

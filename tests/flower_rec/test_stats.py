@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from test_data import tiny
 
 from flower_rec.data import save_dataset
 from flower_rec.stats import dataset_stats, format_stats
-from test_data import tiny
+from paths import SHARED
 
 VIDEO_GAMES = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "flower_official" / "Video_Games"
+    SHARED / "data" / "flower_official" / "Video_Games"
 )
 
 

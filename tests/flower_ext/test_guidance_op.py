@@ -4,11 +4,11 @@ hypothesis catalogs, plus its exactness at beta = 0, ``torch.library.opcheck``,
 
 import pytest
 import torch
-from flower_ext import Trie, ops
-from flower_ext import reference as ref_ops
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flower_ext import Trie, ops
+from flower_ext import reference as ref_ops
 from strategies import (
     BATCH_SIZES,
     DEVICES,

@@ -3,7 +3,7 @@ model's save resumes from the newest complete checkpoint to the uninterrupted ru
 metrics file, stopping exactly at max_steps; a moved run folder resumes; a damaged file the
 trainer reads is named in a one-line error; the files it writes are replaced atomically.
 
-The runs are tests/test_train.py's (a 1-layer, 32-wide Llama, one thread): 6 flower steps with
+The runs are runs.py's (a 1-layer, 32-wide Llama, one thread): 6 flower steps with
 checkpoints at 3 and 6. A kill is simulated by leaving the run folder as the kill would (a file
 cut short, the files after it never written), and done for real once, with SIGKILL in the middle
 of a checkpoint file."""
@@ -20,20 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train import (  # noqa: F401 (data_dir, dataset, one_thread, uninterrupted: fixtures)
-    EARLY,
-    FLOWER,
-    Crash,
-    Steps,
-    assert_same_run,
-    config,
-    data_dir,
-    dataset,
-    metric_lines,
-    one_thread,
-    uninterrupted,
-    weights,
-)
+from runs import EARLY, FLOWER, Crash, Steps, assert_same_run, config, metric_lines, weights
 from transformers import TrainerCallback
 
 from flower_rec.files import atomic_files

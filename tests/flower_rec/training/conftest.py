@@ -1,0 +1,40 @@
+"""Fixtures of the training tests: one thread, the synthetic data, and the uninterrupted run
+the resumption tests compare with."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from runs import FLOWER, config
+
+from flower_rec.prepare import prepare_synthetic
+from flower_rec.training import train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    prepare_synthetic(path, items=60, users=300, seed=0, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+    from flower_rec.data import load_dataset
+
+    return load_dataset(data_dir)
+
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    """A flower (subtb) run of 6 steps with checkpoints at 3 and 6."""
+    return train(config(data_dir, tmp_path_factory.mktemp("runs") / "whole", **FLOWER))
