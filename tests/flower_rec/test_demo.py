@@ -93,3 +93,25 @@ def test_demo_refuses_a_bad_option_before_any_stage(tmp_path, option, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         run_demo(DemoConfig(out=str(tmp_path), **option))
     assert not (tmp_path / "synthetic").exists()
+
+
+def test_the_paper_protocol_validates_every_epoch_and_keeps_the_best(tmp_path):
+    """With early_stopping_patience the demo (and the ablation) trains under the paper's
+    protocol: the validation loss every epoch on valid_limit samples, early stopping, the best
+    epoch kept."""
+    import math
+
+    from flower_rec.data import load_dataset
+
+    data = tmp_path / "data"
+    prepare_synthetic(data, items=30, users=60, seed=1, progress=False)
+    config = DemoConfig(out=str(tmp_path / "out"), data=str(data), epochs=2, eval_limit=8,
+                        guidance="0.5", early_stopping_patience=1, valid_limit=8)
+    run_demo(config, [Variant("sft")])
+    run = tmp_path / "out" / "runs" / "sft"
+    saved = json.loads((run / "train_config.json").read_text())
+    epoch = math.ceil(len(load_dataset(data).train) / saved["batch_size"])
+    assert (saved["eval_steps"], saved["save_steps"]) == (epoch, epoch)
+    assert (saved["early_stopping_patience"], saved["valid_limit"]) == (1, 8)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "eval_loss" in line] == [epoch, 2 * epoch]
