@@ -28,7 +28,7 @@ cuts them into equal-size groups, the first ones one larger (like ``numpy.array_
 tie-break reproduces the published ``*_group_title_8_*.json`` (and the ``_5_`` variant) of
 Video_Games and Movies_and_TV title for title and position for position; no other natural order
 does (alphabetical, by item id, reversed: about 8% of positions agree, the group memberships
-differ). :func:`group_shares` gives GH.
+differ). :func:`flower_rec.metrics.group_shares` gives GH.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import IO, Literal
 
 from .files import atomic_open
-from .metrics import group_shares
 
 __all__ = [
     "CSV_COLUMNS",
@@ -54,7 +53,6 @@ __all__ = [
     "DatasetError",
     "Sample",
     "group_item_ids",
-    "group_shares",
     "load_dataset",
     "popularity_counts",
     "popularity_groups",

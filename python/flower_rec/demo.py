@@ -16,8 +16,8 @@ continues where it stopped.
 from __future__ import annotations
 
 import json
-import time
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -16,9 +16,6 @@ function                               what it computes
 :func:`distribution_fit`               KL(m||b), KL(b||m) and JS (natural log)
 :func:`evaluate_recommendations`       all of the above as one flat JSON-serialisable dict
 :func:`write_report`                   that dict as a JSON file, written atomically
-:func:`plot_group_shares`              PNG of recommendation share vs training share per group
-                                       (lives in :mod:`flower_rec.plots`, imported lazily so that
-                                       this module does not import matplotlib)
 =====================================  ==========================================================
 
 Conventions shared by every function (the points the paper leaves open):
@@ -60,7 +57,6 @@ __all__ = [
     "evaluate_recommendations",
     "group_shares",
     "invalid_outputs",
-    "plot_group_shares",  # noqa: F822 (served lazily by the module __getattr__ below)
     "popularity_fairness",
     "ranking_metrics",
     "write_report",
@@ -455,13 +451,3 @@ def write_report(metrics: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """
     text = json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
-
-
-def __getattr__(name: str) -> Any:
-    # plot_group_shares lives in flower_rec.plots; importing it lazily keeps matplotlib out of
-    # ``import flower_rec.metrics``.
-    if name == "plot_group_shares":
-        from flower_rec.plots import plot_group_shares
-
-        return plot_group_shares
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,12 +23,12 @@ from flower_rec.data import (
     DatasetError,
     Sample,
     group_item_ids,
-    group_shares,
     load_dataset,
     popularity_counts,
     popularity_groups,
     save_dataset,
 )
+from flower_rec.metrics import group_shares
 from paths import SHARED
 
 OFFICIAL = SHARED / "data" / "flower_official"

@@ -20,7 +20,6 @@ from flower_rec.metrics import (
     evaluate_recommendations,
     group_shares,
     invalid_outputs,
-    plot_group_shares,
     popularity_fairness,
     ranking_metrics,
     write_report,
@@ -314,6 +313,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_plot_group_shares_png(tmp_path):
+    from flower_rec.plots import plot_group_shares
+
     pyplot_was_loaded = "matplotlib.pyplot" in sys.modules
     gh = [0.4810, 0.1725, 0.1099, 0.0795, 0.0611, 0.0467, 0.0332, 0.0161]
     methods = {

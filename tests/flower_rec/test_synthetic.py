@@ -7,7 +7,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from flower_rec.data import group_shares, popularity_counts, popularity_groups
+from flower_rec.data import popularity_counts, popularity_groups
+from flower_rec.metrics import group_shares
 from flower_rec.prepare import prepare_synthetic
 from flower_rec.synthetic import PLATFORMS, SyntheticConfig, generate
 
