@@ -14,6 +14,9 @@ A trie enters every op as two arguments: ``trie_data``, one int32 tensor holding
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -21,6 +24,7 @@ from torch import Tensor
 from . import _C
 
 __all__ = [
+    "deferred_checks",
     "log_flows",
     "walk",
     "advance",
@@ -97,15 +101,57 @@ def _new_status(device: torch.device) -> Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+# The statuses of the ops called inside `deferred_checks` blocks, innermost block last.
+_pending = threading.local()
+
+
 def _raise_on_status(op: str, status: Tensor) -> None:
     # Reading the status synchronises a CUDA stream; inside a CUDA graph capture it cannot be
     # read, and the kernels' own bounds checks still keep every access in range.
     if status.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    flags = int(status.item())
+    blocks = getattr(_pending, "blocks", None)
+    if blocks:
+        blocks[-1].append((op, status))
+        return
+    _raise_on_flags(op, int(status.item()))
+
+
+def _raise_on_flags(op: str, flags: int) -> None:
     if flags:
         problems = [message for bit, message in _STATUS_MESSAGES.items() if flags & bit]
         raise ValueError(f"flower_ext.{op}: " + "; ".join(problems))
+
+
+@contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Checks the ops' status words once, when the block ends, instead of after every call.
+
+    Each op reports bad input (an out-of-range node or token, a NaN reward, ...) in a status word
+    on the op's device; reading it after each call is, on CUDA, a host synchronisation per call,
+    which a decoding or rollout loop would pay at every step. Inside this block the words stay on
+    their devices and are read together at the end, raising the first problem with the message
+    an immediate check gives. Meanwhile the kernels stay memory-safe, but the outputs of a call
+    with bad input are not meaningful (the block raises before anything leaves it). Blocks
+    nest; an exception raised inside a block propagates unchanged. On the CPU reading a status
+    costs nothing, so the bundled decoders and rollouts use the block on CUDA only."""
+    blocks = _pending.__dict__.setdefault("blocks", [])
+    pending: list[tuple[str, Tensor]] = []
+    blocks.append(pending)
+    try:
+        yield
+    finally:
+        blocks.pop()
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, status) in enumerate(pending):
+        by_device.setdefault(status.device, []).append(index)
+    flags = [0] * len(pending)
+    for indices in by_device.values():  # one read per device
+        values = torch.cat([pending[i][1].reshape(1) for i in indices]).cpu().tolist()
+        for index, value in zip(indices, values):
+            flags[index] = int(value)
+    for (op, _), value in zip(pending, flags):
+        _raise_on_flags(op, value)
 
 
 def _check(condition: bool, op: str, message: str) -> None:

@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from flower_ext import Trie, losses
 from torch import Tensor
 
-from .decoding.runner import new_cache
+from flower_ext import Trie, losses
+
+from .decoding.runner import new_cache, status_checks
 
 __all__ = [
     "Rollout",
@@ -111,8 +112,9 @@ def rollout(
     was_training = base.training
     base.eval()
     try:
-        actions, lengths = _sample(base, input_ids, attention_mask, trie, termination_token,
-                                   temperature, generator)
+        with status_checks(input_ids.device):
+            actions, lengths = _sample(base, input_ids, attention_mask, trie, termination_token,
+                                       temperature, generator)
     finally:
         base.train(was_training)
     return Rollout(actions, lengths, losses.path_nodes(trie, actions, lengths))

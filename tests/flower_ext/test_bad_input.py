@@ -408,3 +408,30 @@ def test_sft_and_flower_loss_reject_bad_arguments():
     for theta in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"theta must lie in \[0, 1\]"):
             losses.flower_loss(torch.tensor(1.0), torch.tensor(2.0), theta)
+
+
+# ---------------------------------------------------------------------------------------------
+# deferred status checks
+
+
+def test_deferred_checks_raise_the_first_problem_when_the_block_ends(trie):
+    """Inside ops.deferred_checks() bad input raises nothing until the block ends, then the first
+    problem with an immediate check's message; good calls run unchanged; blocks nest."""
+    good = trie.advance(nodes(0).to(trie.device), nodes(1).to(trie.device))
+    calls = []
+    with rejects("advance", r"node ids must lie in \[-1, num_nodes\)"):
+        with ops.deferred_checks():
+            with ops.deferred_checks():
+                inner = trie.advance(nodes(0).to(trie.device), nodes(1).to(trie.device))
+            calls.append("inner block ended")  # no problem inside it
+            trie.advance(nodes(-2).to(trie.device), nodes(1).to(trie.device))
+            trie.log_flows(torch.tensor([float("nan")] * trie.num_items, device=trie.device))
+            calls.append("not raised yet")
+    assert calls == ["inner block ended", "not raised yet"]
+    assert torch.equal(inner, good)
+    with pytest.raises(RuntimeError, match="from inside"), ops.deferred_checks():
+        trie.advance(nodes(-2).to(trie.device), nodes(1).to(trie.device))
+        raise RuntimeError("from inside")  # the block's own exception wins
+    trie.advance(nodes(0).to(trie.device), nodes(1).to(trie.device))  # no block left behind
+    with pytest.raises(ValueError, match="node ids"):
+        trie.advance(nodes(-2).to(trie.device), nodes(1).to(trie.device))

@@ -207,3 +207,14 @@ def test_mixed_rollouts_take_the_replaced_rows_whole(model, trie, prompts):
     assert items_of(mixed.actions, mixed.lengths) == expected
     torch.testing.assert_close(mixed.path, losses.path_nodes(trie, mixed.actions, mixed.lengths))
     assert isinstance(mixed, Rollout)
+
+
+def test_loops_defer_status_checks_on_cuda_only():
+    """A GPU loop reads the ops' status words once, not at every step (a host sync each); on the
+    CPU each op checks its own, which costs nothing."""
+    import contextlib
+
+    from flower_rec.decoding.runner import status_checks
+
+    assert isinstance(status_checks(torch.device("cpu")), contextlib.nullcontext)
+    assert not isinstance(status_checks(torch.device("cuda")), contextlib.nullcontext)

@@ -8,11 +8,13 @@ import inspect
 import math
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from flower_ext import ops
 
 from ..prompts import encode
 from .catalog import Catalog
@@ -30,6 +32,14 @@ def sort_by_group_then_score(groups: Tensor, scores: Tensor) -> Tensor:
     """Permutation ordering elements by group ascending, then score descending (stable)."""
     order = torch.argsort(scores, descending=True, stable=True)
     return order[torch.argsort(groups[order], stable=True)]
+
+
+def status_checks(device: torch.device):
+    """The context of a decoding or rollout loop's op calls: on CUDA the ops' status words are
+    read once when it ends (:func:`flower_ext.ops.deferred_checks`), not after every call, which
+    would synchronise the host with the GPU at every step; on the CPU, where reading them costs
+    nothing, each call checks its own."""
+    return ops.deferred_checks() if torch.device(device).type == "cuda" else nullcontext()
 
 
 def new_cache(model):
@@ -284,7 +294,8 @@ class ModelRunner:
         items, values = self.empty_results(len(prompts), width)
         with torch.inference_mode():
             for batch in self.batches(prompts, desc):
-                nodes, batch_values = decode_batch(batch, self.guidance_flows(guidance, batch))
+                with status_checks(self.device):
+                    nodes, batch_values = decode_batch(batch, self.guidance_flows(guidance, batch))
                 rows = torch.tensor(batch.indices)
                 items[rows] = self.catalog.items_at(nodes)
                 if batch_values is not None:
