@@ -215,6 +215,25 @@ def _evaluate_run(rq1: RQ1Data, run: Path, seed: int) -> dict:
     }
 
 
+def sampling_floor(rq1: RQ1Data, repeats: int = 300, seed: int = 0) -> dict[str, float]:
+    """What the sampled divergences of a *perfect* model are: ``num_test`` titles drawn from m
+    itself, ``repeats`` times; mean and sd of each divergence. A sampled KL(m||b) near this
+    floor says nothing about the model; the exact keys have no such floor."""
+    import numpy as np
+
+    shares = np.array(rq1.target_shares)
+    draw = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {"KL_m_b": [], "KL_b_m": [], "JS": []}
+    for _ in range(repeats):
+        counts = draw.multinomial(rq1.num_test, shares)
+        fit = distribution_fit(dict(zip(rq1.titles, counts.tolist())), rq1.target_counts)
+        for name in values:
+            values[name].append(fit[name])
+    return {**{name: statistics.fmean(v) for name, v in values.items()},
+            **{f"{name}_sd": statistics.stdev(v) for name, v in values.items()},
+            "repeats": repeats}
+
+
 def _summary(per_seed: list[dict]) -> dict:
     summary = {}
     for name in DIVERGENCES:
@@ -257,6 +276,7 @@ def run_rq1(config: RQ1Config) -> dict:
         "config": asdict(config),
         "target": {"titles": rq1.titles, "shares": rq1.target_shares},
         "results": results,
+        "sampling_floor": sampling_floor(rq1),
         "per_seed": {v: {s: {k: r[k] for k in (*DIVERGENCES, "distinct_sampled", "best_epoch",
                                                  "epochs_run")}
                          for s, r in runs.items()} for v, runs in per_seed.items()},
@@ -284,10 +304,16 @@ def _plot(rq1: RQ1Data, per_seed: dict[str, dict[str, dict]], path: Path) -> Non
 
 
 def format_rq1_table(report: dict) -> str:
-    """The report's results as a markdown table: mean ± sd over seeds of each divergence."""
+    """The report's results as a markdown table: mean ± sd over seeds of each divergence, and
+    the sampled divergences of a perfect model (the sampling floor) as the last row."""
     names = ("KL_m_b", "KL_m_b_exact", "KL_b_m", "KL_b_m_exact", "JS", "JS_exact")
     lines = ["| variant | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for variant, result in report["results"].items():
-        cells = [f"{result[n]:.3f} ± {result[n + '_sd']:.3f}" for n in names]
+        cells = [f"{result[n]:.4f} ± {result[n + '_sd']:.4f}" for n in names]
         lines.append(f"| {variant} | {result['seeds']} | " + " | ".join(cells) + " |")
+    floor = report.get("sampling_floor")
+    if floor is not None:
+        cells = [f"{floor[n]:.4f} ± {floor[n + '_sd']:.4f}" if n in floor else "0" for n in names]
+        lines.append(f"| m itself, sampled ({floor['repeats']} draws) | - | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import pytest
 
 from flower_rec.cli import main
 from flower_rec.data import DatasetError, load_dataset
-from flower_rec.rq1 import RQ1Config, load_rq1, rq1_dataset, run_rq1
+from flower_rec.rq1 import RQ1Config, RQ1Data, load_rq1, rq1_dataset, run_rq1, sampling_floor
 from paths import SHARED
 
 SHARED_RQ1 = SHARED / "data" / "flower_official" / "Movies_RQ1"
@@ -73,7 +73,9 @@ def test_a_tiny_rq1_run_writes_its_report_and_skips_what_is_done(tmp_path):
     assert list(report["results"]) == ["sft", "subtb-masked-conservative-mixed"]
     for result in report["results"].values():
         assert result["KL_m_b"] >= 0 and result["KL_m_b_exact"] >= 0 and result["seeds"] == 1
-    assert (out / "rq1.png").stat().st_size > 0 and "| sft | 1 |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert (out / "rq1.png").stat().st_size > 0 and "| sft | 1 |" in table
+    assert "| m itself, sampled (300 draws) |" in table
     assert load_dataset(out / "data").num_items == len(COUNTS)
     done = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/seed-0/rq1.json")}
     assert len(done) == 2
@@ -87,3 +89,12 @@ def test_bad_rq1_options_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="seeds must be distinct"):
         run_rq1(RQ1Config(data=str(tmp_path), out=str(tmp_path / "o"), seeds=[1, 1]))
     assert not (tmp_path / "o").exists()
+
+
+def test_the_sampling_floor_shrinks_with_the_number_of_samples():
+    """A perfect model's sampled KL(m||b) is not 0: it is the noise of a finite sample, smaller
+    with more samples."""
+    counts = {"a": 6.0, "b": 3.0, "c": 1.0}
+    few = sampling_floor(RQ1Data(list(counts), counts, 10, 50), repeats=100)
+    many = sampling_floor(RQ1Data(list(counts), counts, 10, 5000), repeats=100)
+    assert 0 < many["KL_m_b"] < few["KL_m_b"] and many["repeats"] == 100
