@@ -18,11 +18,11 @@ from .data import (
     SPLITS,
     Dataset,
     PopularityMode,
-    group_shares,
     load_dataset,
     popularity_counts,
     popularity_groups,
 )
+from .metrics import group_shares
 
 __all__ = ["dataset_stats", "format_stats"]
 
