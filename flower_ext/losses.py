@@ -344,11 +344,7 @@ def flow_matching_loss(
     batch, num_states, vocab = logits.shape
     _check_batch("path_nodes", path_nodes, (batch, num_states), "logits", logits.shape)
     nodes = path_nodes.reshape(-1)
-    row_ptr, child_tokens, child_nodes = trie.children(nodes)
-    counts = row_ptr.diff()
-    state_of_entry = torch.repeat_interleave(
-        torch.arange(nodes.shape[0], device=nodes.device), counts, output_size=child_tokens.shape[0]
-    )
+    counts, state_of_entry, child_tokens, child_nodes = _state_children(trie, nodes)
     scores = logits.to(_working_dtype(logits))
     if log_partitions is None:
         log_z = torch.logsumexp(scores, dim=-1).reshape(-1)
@@ -377,6 +373,17 @@ def flow_matching_loss(
     return per_state.sum() / num_states_with_children
 
 
+def _state_children(trie: Trie, nodes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The children of every state ``nodes [S]`` flattened: ``(counts [S], state_of_entry [E],
+    child_tokens [E], child_nodes [E])``, entry e a child of state ``state_of_entry[e]``."""
+    row_ptr, child_tokens, child_nodes = trie.children(nodes)
+    counts = row_ptr.diff()
+    state_of_entry = torch.repeat_interleave(
+        torch.arange(nodes.shape[0], device=nodes.device), counts, output_size=child_tokens.shape[0]
+    )
+    return counts, state_of_entry, child_tokens, child_nodes
+
+
 def trie_log_partitions(logits: Tensor, trie: Trie, path_nodes: Tensor) -> Tensor:
     """``[B, S]``: log of the sum of ``exp(logits)`` over the trie children of each state's node,
     the log normaliser of the masked policy ``π(c | s) = exp(logit_c) / sum over the children of
@@ -392,12 +399,7 @@ def trie_log_partitions(logits: Tensor, trie: Trie, path_nodes: Tensor) -> Tenso
         raise ValueError(f"logits must have shape [B, S, V], got {tuple(logits.shape)}")
     batch, num_states, vocab = logits.shape
     _check_batch("path_nodes", path_nodes, (batch, num_states), "logits", logits.shape)
-    nodes = path_nodes.reshape(-1)
-    row_ptr, child_tokens, _ = trie.children(nodes)
-    counts = row_ptr.diff()
-    state_of_entry = torch.repeat_interleave(
-        torch.arange(nodes.shape[0], device=nodes.device), counts, output_size=child_tokens.shape[0]
-    )
+    _, state_of_entry, child_tokens, _ = _state_children(trie, path_nodes.reshape(-1))
     flat = logits.reshape(-1, vocab).to(_working_dtype(logits))
     child_logits = flat[state_of_entry, child_tokens.long()]
     # A stable log-sum-exp per state: the largest child logit is taken out before exp.
