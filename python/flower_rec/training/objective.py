@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flower_ext import Trie, losses
 from torch import Tensor
+
+from flower_ext import Trie, losses
 
 from ..decoding import Catalog
 from ..loop import (
@@ -239,10 +240,13 @@ class FlowerObjective:
         state = self._on(device)
         if "rewards" in state:
             return state["rewards"]
-        source = self.probabilities if probabilities is None else probabilities
         return self.rewards.item_log_rewards(
-            self.reward_variant, source(sample_index).to(device), device=device
+            self.reward_variant, self._p_u(sample_index, probabilities).to(device), device=device
         )
+
+    def _p_u(self, sample_index: Tensor, probabilities: ProbabilitySource | None) -> Tensor:
+        """The samples' p_u from ``probabilities``, by default the training samples' source."""
+        return (self.probabilities if probabilities is None else probabilities)(sample_index)
 
     def __call__(
         self,
@@ -259,13 +263,15 @@ class FlowerObjective:
         # SFT target: the item's tokens then EOS, which SFT scores too.
         target = with_termination(inputs["target_ids"], inputs["target_lengths"], self.eos)
         continuations = [target]
-        if self.method == "flower":
+        # The released step (`published`) scores its own rollout with its own rewards.
+        ours = self.method == "flower" and self.published is None
+        if ours:
             state = self._on(device)
             trie = state["trie"]
             item_rewards = self.item_log_rewards(inputs["sample_index"], device, probabilities)
             flows = state["flows"] if "flows" in state else trie.log_flows(item_rewards)
         generator = None if seed is None else self._generator(model, seed)
-        if self.sampled and self.published is None:
+        if ours and self.sampled:
             sample = self.trajectories(model, inputs, item_rewards, generator)
             continuations.append((sample.actions, sample.lengths))
         logits = continuation_logits(model, input_ids, attention_mask, continuations)
@@ -274,14 +280,8 @@ class FlowerObjective:
             return LossTerms(sft, sft)
 
         if self.published is not None:
-            personal = None
-            if self.personalised:
-                source = self.probabilities if probabilities is None else probabilities
-                personal = source(inputs["sample_index"])
-            flow = self.published.loss(
-                model, input_ids, attention_mask, self.rewards.item_log_rewards("logp"),
-                personal, generator,
-            )
+            p_u = self._p_u(inputs["sample_index"], probabilities) if self.personalised else None
+            flow = self.published.loss(model, input_ids, attention_mask, p_u, generator)
             return LossTerms(losses.flower_loss(sft, flow, self.theta), sft, flow,
                              self.flow_loss)
         if self.sampled:

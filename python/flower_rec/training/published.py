@@ -27,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from flower_ext import Trie, losses
 from torch import Tensor
+
+from flower_ext import Trie, losses
 
 from ..decoding import Catalog
 from ..loop import Rollout
@@ -107,45 +108,51 @@ def published_state_log_rewards(
 @dataclass
 class PublishedFlow:
     """The released SubTB term over ``items`` (the catalog's titles tokenised with
-    ``termination="split"``: each title's tokens, then ``"\\n"`` alone)."""
+    ``termination="split"``: each title's tokens, then ``"\\n"`` alone), rewarded by
+    ``popularity_log_rewards`` ``[I]`` (the popularity log(R/Z) of each item)."""
 
     items: ItemTokens
     pad_token: int
+    popularity_log_rewards: Tensor
 
     def __post_init__(self):
         self.catalog = Catalog.from_item_tokens(self.items)
         self.termination = int(self.items.termination_token_id)
-        self._tries: dict[torch.device, Trie] = {}
+        self._on_device: dict[torch.device, tuple[Trie, Tensor, Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[Trie, Tensor, Tensor]:
+        """The trie, its popularity flows and the node -> item table on ``device`` (made
+        once)."""
+        if device not in self._on_device:
+            trie = self.catalog.trie.to(device)
+            flows = trie.log_flows(self.popularity_log_rewards.to(device))
+            self._on_device[device] = (trie, flows, self.catalog.node_item.to(device))
+        return self._on_device[device]
 
     def trie(self, device: torch.device) -> Trie:
-        if device not in self._tries:
-            self._tries[device] = self.catalog.trie.to(device)
-        return self._tries[device]
+        return self.on(device)[0]
 
     def loss(
         self,
         model,
         input_ids: Tensor,
         attention_mask: Tensor,
-        popularity_log_rewards: Tensor,
         probabilities: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         """The SubTB term of a batch: the released rollout, its rewards and the closed form of
         :func:`flower_ext.losses.subtb_loss` (the released all-pairs loop's value).
         ``probabilities``: the samples' p_u for ``logp_div_s``, None for ``logp``."""
-        trie = self.trie(input_ids.device)
+        trie, flows, node_item = self.on(input_ids.device)
         sample, logits = published_rollout(model, input_ids, attention_mask, trie,
                                            self.termination, self.pad_token, generator)
         scale = torch.ones(sample.lengths.shape[0], device=input_ids.device)
         if probabilities is not None:
-            leaves = trie.walk(sample.actions, sample.lengths).gather(
-                1, (sample.lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-            item = self.catalog.node_item.to(input_ids.device)[
-                trie.advance(leaves, torch.full_like(leaves, self.termination)).long()]
+            # The sampled item: the leaf after its last state's termination token.
+            last = sample.path.gather(1, sample.lengths.unsqueeze(1)).squeeze(1)
+            item = node_item[trie.advance(last, torch.full_like(last, self.termination)).long()]
             scales = centred_scale(probabilities.to(input_ids.device))
             scale = scales.gather(1, item.unsqueeze(1)).squeeze(1)
-        flows = trie.log_flows(popularity_log_rewards.to(input_ids.device))
         log_rewards = published_state_log_rewards(trie, flows, sample.path, self.termination,
                                                   scale)
         return losses.subtb_loss(logits, sample.actions, log_rewards, sample.lengths,

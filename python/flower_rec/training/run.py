@@ -92,8 +92,10 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
     return model, tokenizer
 
 
-def _published_flow(config: TrainConfig, dataset: Dataset, tokenizer) -> PublishedFlow | None:
-    """The released SubTB step's items (``rollout: published``), else None."""
+def _published_flow(
+    config: TrainConfig, dataset: Dataset, tokenizer, rewards: PopularityRewards | None
+) -> PublishedFlow | None:
+    """The released SubTB step's items and rewards (``rollout: published``), else None."""
     if config.rollout != "published" or config.method != "flower":
         return None
     try:
@@ -101,7 +103,7 @@ def _published_flow(config: TrainConfig, dataset: Dataset, tokenizer) -> Publish
                                      termination="split")
     except ValueError as error:
         raise TrainConfigError(f"rollout 'published': {error}") from None
-    return PublishedFlow(items, pad_token=tokenizer.eos_token_id)
+    return PublishedFlow(items, tokenizer.eos_token_id, rewards.item_log_rewards("logp"))
 
 
 def _popularity_rewards(config: TrainConfig, dataset: Dataset) -> PopularityRewards:
@@ -354,7 +356,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         leakage_weight=config.leakage_weight,
         off_policy_share=config.off_policy_share,
         rollout_temperature=config.rollout_temperature,
-        published=_published_flow(config, dataset, tokenizer),
+        published=_published_flow(config, dataset, tokenizer, rewards),
     )
 
     all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]

@@ -741,7 +741,8 @@ def published_flow(dataset, tokenizer):
     from flower_rec.training.published import PublishedFlow
 
     items = item_token_sequences(dataset.titles, tokenizer, build_prompt([]), termination="split")
-    return PublishedFlow(items, pad_token=tokenizer.eos_token_id)
+    popularity = PopularityRewards.from_dataset(dataset).item_log_rewards("logp")
+    return PublishedFlow(items, tokenizer.eos_token_id, popularity)
 
 
 def test_published_rollout_forwards_each_step_on_the_previous_token_alone(dataset, tokenizer,
