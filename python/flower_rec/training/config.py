@@ -38,6 +38,22 @@ CHECKPOINT_DIR = "checkpoints"
 # Fields that may differ between a run and its resumption (the run folder may have moved).
 RESUMABLE_FIELDS = ("out", "resume", "progress", "tensorboard")
 
+PUBLISHED_ROLLOUT_NEEDS = (
+    "flow_loss 'subtb', policy 'full', leakage_weight 0, off_policy_share 0, "
+    "rollout_temperature 1 and reward 'logp' or 'logp_div_s'"
+)
+
+
+def published_rollout_fits(
+    flow_loss: str, policy: str, leakage_weight: float, off_policy_share: float,
+    rollout_temperature: float, reward: str,
+) -> bool:
+    """Whether the options leave the released SubTB step as it is (``rollout: published``
+    reproduces that step alone: :data:`PUBLISHED_ROLLOUT_NEEDS`)."""
+    return (flow_loss == "subtb" and policy == "full" and not leakage_weight
+            and not off_policy_share and rollout_temperature == 1 and reward != "logp_add_logs")
+
+
 ProbabilitySource = Callable[[Tensor], Tensor]
 """Per-sample item probabilities: sample indices ``[B]`` (into the training split, or the
 validation split for the validation source) -> ``p_u [B, I]``."""
@@ -295,14 +311,12 @@ class TrainConfig:
                 "every validation sample, from the same auxiliary recommender; `flower-rec train "
                 "--aux` computes both)"
             )
-        if self.rollout == "published" and (
-            self.flow_loss != "subtb" or self.policy != "full" or self.leakage_weight
-            or self.off_policy_share or self.rollout_temperature != 1
-            or self.reward == "logp_add_logs"
+        if self.rollout == "published" and not published_rollout_fits(
+            self.flow_loss, self.policy, self.leakage_weight, self.off_policy_share,
+            self.rollout_temperature, self.reward,
         ):
-            fail("rollout 'published' is the released SubTB step alone: it needs flow_loss "
-                 "'subtb', policy 'full', leakage_weight 0, off_policy_share 0, "
-                 "rollout_temperature 1 and reward 'logp' or 'logp_div_s'")
+            fail(f"rollout 'published' is the released SubTB step alone: it needs "
+                 f"{PUBLISHED_ROLLOUT_NEEDS}")
         if self.reward_counts is not None and not Path(self.reward_counts).is_file():
             fail(f"reward_counts file {str(self.reward_counts)!r} does not exist")
         if not Path(self.data).is_dir():

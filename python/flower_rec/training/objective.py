@@ -25,7 +25,14 @@ from ..loop import (
     with_termination,
 )
 from ..rewards import PopularityRewards
-from .config import FLOW_LOSSES, METHODS, POLICIES, ProbabilitySource
+from .config import (
+    FLOW_LOSSES,
+    METHODS,
+    POLICIES,
+    PUBLISHED_ROLLOUT_NEEDS,
+    ProbabilitySource,
+    published_rollout_fits,
+)
 from .published import PublishedFlow
 
 # ---------------------------------------------------------------------------------------------
@@ -118,15 +125,12 @@ class FlowerObjective:
                 raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
         if not (rollout_temperature > 0 and rollout_temperature < float("inf")):
             raise ValueError(f"rollout_temperature must be a positive number, got {rollout_temperature!r}")
-        if published is not None and (
-            flow_loss != "subtb" or policy != "full" or leakage_weight or off_policy_share
-            or rollout_temperature != 1.0 or reward_variant == "logp_add_logs"
+        if published is not None and not published_rollout_fits(
+            flow_loss, policy, leakage_weight, off_policy_share, rollout_temperature,
+            reward_variant,
         ):
-            raise ValueError(
-                "the published rollout is the released SubTB step alone: flow_loss 'subtb', "
-                "policy 'full', no leakage_weight or off_policy_share, rollout_temperature 1, "
-                "reward 'logp' or 'logp_div_s'"
-            )
+            raise ValueError("the published rollout is the released SubTB step alone: it needs "
+                             + PUBLISHED_ROLLOUT_NEEDS)
         if method == "flower" and rewards is None:
             raise ValueError("the flower method needs item rewards")
         if method == "flower" and reward_variant != "logp" and probabilities is None:
