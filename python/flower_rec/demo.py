@@ -16,7 +16,6 @@ continues where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -121,10 +120,6 @@ class Variant:
             self.options.get("reward", TrainConfig.reward) != "logp"
 
 
-def _trained(run: Path) -> bool:
-    return (run / "config.json").is_file() and any(run.glob("model*.safetensors"))
-
-
 def _train_aux(data: Path, out: Path, config: DemoConfig):
     from .sasrec import SASRec, train_sasrec
 
@@ -140,21 +135,20 @@ def _train_aux(data: Path, out: Path, config: DemoConfig):
 
 
 def _train_variant(
-    variant: Variant, data: Path, run: Path, config: DemoConfig, probabilities
+    variant: Variant, data: Path, num_train: int, run: Path, config: DemoConfig, probabilities
 ) -> float:
-    """Trains one variant unless its run is complete; returns the training seconds of the run
-    (read back from its metrics when it was trained before)."""
-    from .training import TrainConfig, train
+    """Trains one variant (on ``data``, ``num_train`` training samples) unless its run is
+    complete; returns the training seconds of the run (read back from its metrics when it was
+    trained before)."""
+    from .training import TrainConfig, epoch_protocol, is_trained, train
 
-    if not _trained(run):
+    if not is_trained(run):
         protocol: dict[str, Any] = {"save_steps": 200}
         if config.early_stopping_patience is not None:
-            # The paper's protocol: the validation loss every epoch, the best epoch kept.
-            batch = variant.options.get("batch_size", TrainConfig.batch_size)
-            epoch = math.ceil(len(load_dataset(data).train) / batch)
-            protocol = {"eval_steps": epoch, "save_steps": epoch, "save_total_limit": 1,
-                        "early_stopping_patience": config.early_stopping_patience,
-                        "valid_limit": config.valid_limit}
+            protocol = epoch_protocol(
+                num_train, variant.options.get("batch_size", TrainConfig.batch_size),
+                config.early_stopping_patience, config.valid_limit,
+            )
             if variant.personalised:
                 protocol["valid_aux_probabilities"] = probabilities["valid"]
         train(TrainConfig(
@@ -230,7 +224,7 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
     rows: dict[str, dict] = {}
     for variant in variants:
         run = out / "runs" / variant.name
-        seconds = _train_variant(variant, data, run, config, probabilities)
+        seconds = _train_variant(variant, data, len(dataset.train), run, config, probabilities)
         for decoding in DECODINGS:
             metrics = _evaluate_run(run, dataset, decoding, config)
             rows[f"{variant.name}, {decoding}"] = {**metrics, "train_seconds": seconds}

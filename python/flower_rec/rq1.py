@@ -167,16 +167,16 @@ RQ1_RULES: dict[str, Rule] = {
 
 
 def _train_run(config: RQ1Config, variant: str, seed: int, data: Path, counts: Path,
-               run: Path, steps_per_epoch: int) -> None:
-    from .training import TrainConfig, train
+               run: Path, num_train: int) -> None:
+    from .training import TrainConfig, epoch_protocol, is_trained, train
 
-    if (run / "config.json").is_file() and any(run.glob("model*.safetensors")):
+    if is_trained(run):
         return
+    protocol = epoch_protocol(num_train, config.batch_size, config.patience, config.valid_limit)
     train(TrainConfig(
         data=data, out=run, domain=DOMAIN, reward="logp", reward_counts=str(counts),
-        epochs=config.epochs, batch_size=config.batch_size, eval_steps=steps_per_epoch,
-        save_steps=steps_per_epoch, save_total_limit=1, early_stopping_patience=config.patience,
-        valid_limit=config.valid_limit, logging_steps=max(1, steps_per_epoch // 10), seed=seed,
+        epochs=config.epochs, batch_size=config.batch_size, **protocol,
+        logging_steps=max(1, protocol["eval_steps"] // 10), seed=seed,
         resume=(run / "train_config.json").is_file(), progress=config.progress,
         **variant_options(variant),
     ))
@@ -257,7 +257,6 @@ def run_rq1(config: RQ1Config) -> dict:
         save_dataset(rq1_dataset(rq1, config.data_seed), data)
         with atomic_open(counts_path, "w", encoding="utf-8") as handle:
             json.dump(rq1.target_counts, handle)
-    steps_per_epoch = math.ceil(rq1.num_train / config.batch_size)
 
     results: dict[str, dict] = {}
     per_seed: dict[str, dict[str, dict]] = {}
@@ -267,7 +266,7 @@ def run_rq1(config: RQ1Config) -> dict:
             run = out / "runs" / variant / f"seed-{seed}"
             path = run / "rq1.json"
             if not path.is_file():
-                _train_run(config, variant, seed, data, counts_path, run, steps_per_epoch)
+                _train_run(config, variant, seed, data, counts_path, run, rq1.num_train)
                 write_report(_evaluate_run(rq1, run, seed), path)
             per_seed[variant][str(seed)] = read_json(path)
         results[variant] = _summary(list(per_seed[variant].values()))

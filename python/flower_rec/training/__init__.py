@@ -77,9 +77,10 @@ from .config import (
     ROLLOUTS,
     TrainConfig,
     TrainConfigError,
+    epoch_protocol,
 )
 from .objective import FlowerObjective, LossTerms, rollout_seed
-from .run import train
+from .run import is_trained, train
 from .samples import RecommendationCollator, encode_samples
 from .trainer import FlowerTrainer, MetricsFileCallback
 
@@ -99,6 +100,8 @@ __all__ = [
     "TrainConfig",
     "TrainConfigError",
     "encode_samples",
+    "epoch_protocol",
+    "is_trained",
     "rollout_seed",
     "train",
 ]

@@ -4,6 +4,7 @@ the run folder uses."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,16 @@ def published_rollout_fits(
     reproduces that step alone: :data:`PUBLISHED_ROLLOUT_NEEDS`)."""
     return (flow_loss == "subtb" and policy == "full" and not leakage_weight
             and not off_policy_share and rollout_temperature == 1 and reward != "logp_add_logs")
+
+
+def epoch_protocol(num_samples: int, batch_size: int, patience: int, valid_limit: int) -> dict:
+    """The paper's training protocol as :class:`TrainConfig` options, for ``num_samples``
+    training samples in batches of ``batch_size``: the validation loss (on the first
+    ``valid_limit`` valid samples) and a checkpoint every epoch, early stopping after
+    ``patience`` epochs without a lower validation loss, the best epoch kept as the model."""
+    epoch = math.ceil(num_samples / batch_size)
+    return {"eval_steps": epoch, "save_steps": epoch, "save_total_limit": 1,
+            "early_stopping_patience": patience, "valid_limit": valid_limit}
 
 
 ProbabilitySource = Callable[[Tensor], Tensor]

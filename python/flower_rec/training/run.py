@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 # model, probabilities, run folder
 
 
+def is_trained(run_dir: str | os.PathLike) -> bool:
+    """Whether a run folder holds its final model (what :func:`train` saves last)."""
+    run = Path(run_dir)
+    return (run / "config.json").is_file() and any(run.glob("model*.safetensors"))
+
+
 def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_tokenizer: bool):
     """The model and tokenizer to train. The tiny default's tokenizer is trained on the dataset
     unless ``saved_tokenizer`` says to read the one in the run folder (a resumption, or a DDP
