@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-from flower_ext import Trie
 from hypothesis import HealthCheck, settings
 
+from flower_ext import Trie
 from strategies import DEVICES, SAMPLE
 
 # "default" keeps the whole suite within a few minutes on two CPU cores; "thorough" is for a
@@ -39,13 +39,24 @@ def sample(device) -> Trie:
     return Trie.from_sequences(SAMPLE, device=device)
 
 
+def _torch_threads(count: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def four_threads():
     """Four CPU threads, so that the CPU launchers split large batches between workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(4)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a whole module: the model tests' numbers do not depend on how the
+    machine splits its matmuls, and two test runs side by side do not fight over cores."""
+    yield from _torch_threads(1)
 
 
 @pytest.fixture(scope="session")

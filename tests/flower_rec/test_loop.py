@@ -32,12 +32,7 @@ ITEMS = [[5, 6], [5, 6, 7], [5, 8, 9, 10], [11], [11, 12, 13], [14, 15, 16, 17, 
 PROMPT_LENGTHS = [6, 3, 5, 6]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the resumption tests compare with."""
 from pathlib import Path
 
 import pytest
-import torch
 from runs import FLOWER, config
 
 from flower_rec.prepare import prepare_synthetic
@@ -12,11 +11,8 @@ from flower_rec.training import train
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _every_training_test_on_one_thread(one_thread):
+    """tests/conftest.py's ``one_thread`` for every module here."""
 
 
 @pytest.fixture(scope="module")
