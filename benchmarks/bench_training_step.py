@@ -110,8 +110,7 @@ class Setup:
 
 
 def build_setup(data_dir: Path) -> Setup:
-    from flower_rec.data import load_dataset
-    from flower_rec.prepare import prepare_synthetic
+    from flower_rec.data import load_dataset, prepare_synthetic
     from flower_rec.prompts import build_prompt
     from flower_rec.rewards import PopularityRewards
     from flower_rec.training import RecommendationCollator, TrainConfig, encode_samples

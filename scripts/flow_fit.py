@@ -29,9 +29,9 @@ import argparse
 
 import torch
 
+from flower_rec.data import prepare_synthetic
 from flower_rec.decoding import Catalog, TrieDecoder
 from flower_rec.models import corpus, tiny_llama, train_tokenizer
-from flower_rec.prepare import prepare_synthetic
 from flower_rec.prompts import build_prompt
 from flower_rec.rewards import PopularityRewards
 from flower_rec.training import (

@@ -14,7 +14,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _prepare_amazon(args: argparse.Namespace) -> int:
-    from .prepare import prepare_amazon
+    from .data import prepare_amazon
 
     prepare_amazon(
         args.reviews, args.meta, args.out, window_start=args.window_start,
@@ -24,14 +24,14 @@ def _prepare_amazon(args: argparse.Namespace) -> int:
 
 
 def _prepare_movielens(args: argparse.Namespace) -> int:
-    from .prepare import prepare_movielens
+    from .data import prepare_movielens
 
     prepare_movielens(args.path, args.out, seed=args.seed, log=print)
     return 0
 
 
 def _prepare_synthetic(args: argparse.Namespace) -> int:
-    from .prepare import prepare_synthetic
+    from .data import prepare_synthetic
 
     prepare_synthetic(args.out, items=args.items, users=args.users, seed=args.seed, log=print)
     return 0

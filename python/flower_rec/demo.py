@@ -200,8 +200,8 @@ def _plot_guidance(metrics: dict, path: Path, title: str) -> None:
 def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
     """Trains and evaluates ``variants`` (default: SFT and Flower with the config's theta and
     reward) and returns the report (also written to ``report.json``)."""
+    from .data import prepare_synthetic
     from .plots import plot_group_shares
-    from .prepare import prepare_synthetic
     from .sasrec import training_probabilities
 
     variants = config.default_variants() if variants is None else variants

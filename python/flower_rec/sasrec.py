@@ -12,7 +12,7 @@ embeddings encode recency. The score of item ``i`` for a history is the dot prod
 position's output with the embedding of ``i``.
 
 Training (:func:`train_sasrec`) reads the dataset's train samples (history -> target; the
-windows of :mod:`flower_rec.prepare` already list every transition once) and minimises binary
+windows of :func:`flower_rec.data.build_dataset` already list every transition once) and minimises binary
 cross-entropy on the target and on one negative drawn uniformly from the items that are neither
 the target nor in the history, with Adam. After every epoch it ranks the catalog for every valid
 sample (as the evaluation below does) and keeps the weights of the best validation NDCG@20,

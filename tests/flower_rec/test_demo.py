@@ -6,8 +6,8 @@ import re
 import pytest
 
 from flower_rec.cli import main
+from flower_rec.data import prepare_synthetic
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, claim_verdicts, run_demo
-from flower_rec.prepare import prepare_synthetic
 
 
 def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""flower_rec.prepare: the shared pipeline, Amazon Review Data 2018 and MovieLens.
+"""flower_rec.data's sources: the shared pipeline, Amazon Review Data 2018 and MovieLens.
 
 The Amazon test writes small raw files in the 2018 format (one JSON object per line, gzip or
 not) with one case of every rule: a time window with reviews just inside and just outside both
@@ -17,17 +17,16 @@ import re
 
 import pytest
 
-from flower_rec.data import Dataset, DatasetError, load_dataset
-from flower_rec.prepare import (
+from flower_rec.data import (
+    Dataset,
+    DatasetError,
     Interaction,
-    amazon_title,
     build_dataset,
-    is_html_ish,
-    month_start,
+    load_dataset,
     prepare_amazon,
     prepare_movielens,
-    read_json_lines,
 )
+from flower_rec.data.amazon import amazon_title, is_html_ish, month_start, read_json_lines
 
 DAY = 86400
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from flower_ext import Trie
-from flower_rec.data import popularity_counts
-from flower_rec.prepare import prepare_synthetic
+from flower_rec.data import popularity_counts, prepare_synthetic
 from flower_rec.rewards import (
     MIN_CENTRED_SCALE,
     MIN_MINMAX_SCALE,

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from flower_rec.cli import main
-from flower_rec.data import Dataset, Sample
-from flower_rec.prepare import prepare_synthetic
+from flower_rec.data import Dataset, Sample, prepare_synthetic
 from flower_rec.sasrec import (
     SASRec,
     SASRecConfig,

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from flower_rec.cli import main
-from flower_rec.data import popularity_counts
-from flower_rec.prepare import prepare_synthetic
+from flower_rec.data import popularity_counts, prepare_synthetic
 from flower_rec.screen import format_screen, screen, top_titles
 
 

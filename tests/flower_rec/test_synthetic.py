@@ -1,4 +1,4 @@
-"""flower_rec.synthetic / prepare_synthetic: deterministic, long-tailed, readable, and a user's
+"""flower_rec.data.synthetic: deterministic, long-tailed, readable, and a user's
 history predicts the next item much better than popularity does."""
 
 from __future__ import annotations
@@ -7,10 +7,9 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from flower_rec.data import popularity_counts, popularity_groups
+from flower_rec.data import popularity_counts, popularity_groups, prepare_synthetic
+from flower_rec.data.synthetic import PLATFORMS, SyntheticConfig, generate
 from flower_rec.metrics import group_shares
-from flower_rec.prepare import prepare_synthetic
-from flower_rec.synthetic import PLATFORMS, SyntheticConfig, generate
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from runs import FLOWER, config
 
-from flower_rec.prepare import prepare_synthetic
+from flower_rec.data import prepare_synthetic
 from flower_rec.training import train
 
 

@@ -1,6 +1,6 @@
-"""The dataset model, the on-disk Flower/BIGRec layout, and popularity counts and groups.
+"""The on-disk Flower/BIGRec layout: :func:`load_dataset` and :func:`save_dataset`.
 
-On disk a dataset is a folder (the layout of ``shared/data/flower_official/<Dataset>/``)::
+A dataset is a folder (the layout of ``shared/data/flower_official/<Dataset>/``)::
 
     info/<anything>.txt     the catalog: one line per item, ``title<TAB>item_id``, ids 0..n-1
     train/<anything>.csv    one row per sample (history -> next item)
@@ -13,22 +13,8 @@ Each CSV has a header. Required columns: ``history_item_id`` (a list literal of 
 catalog), ``history_rating``, ``rating``, ``history_timestamp``, ``timestamp``, ``len_seq``
 (checked against the history length); other columns (``row_index``) are ignored. An empty cell of
 an optional column means "unknown". Lists are Python literals (``['a', "b's"]``, ``[1, 2]``),
-read with a strict integer-list parser or :func:`ast.literal_eval`, never ``eval``.
-
-In memory a dataset is a :class:`Dataset`: the catalog ``titles`` (item id -> title; several ids
-may share a title) and three lists of :class:`Sample`. Every problem found in a file raises
-:class:`DatasetError`, whose message names the file, the line and the problem.
-
-Popularity (docs/method.md, section 4): :func:`popularity_counts` keys counts by title (identical
-titles merge); ``mode="history"`` is the paper's reward and the published
-``*_title_interaction_*.json``: how often each title occurs in the history lists of the training
-samples. :func:`popularity_groups` sorts the counted titles by count, descending, ties in the
-order in which the titles first occur in the training histories (the key order of the counts), and
-cuts them into equal-size groups, the first ones one larger (like ``numpy.array_split``). This
-tie-break reproduces the published ``*_group_title_8_*.json`` (and the ``_5_`` variant) of
-Video_Games and Movies_and_TV title for title and position for position; no other natural order
-does (alphabetical, by item id, reversed: about 8% of positions agree, the group memberships
-differ). :func:`flower_rec.metrics.group_shares` gives GH.
+read with a strict integer-list parser or :func:`ast.literal_eval`, never ``eval``. Every problem
+raises :class:`~flower_rec.data.DatasetError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -39,27 +25,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
-from .files import atomic_open
+from ..files import atomic_open
+from .dataset import SPLITS, Dataset, DatasetError, Sample
+from .popularity import popularity_counts, popularity_groups
 
-__all__ = [
-    "CSV_COLUMNS",
-    "SPLITS",
-    "Dataset",
-    "DatasetError",
-    "Sample",
-    "group_item_ids",
-    "load_dataset",
-    "popularity_counts",
-    "popularity_groups",
-    "save_dataset",
-]
-
-SPLITS = ("train", "valid", "test")
+__all__ = ["CSV_COLUMNS", "load_dataset", "save_dataset"]
 
 #: Columns written by :func:`save_dataset`, in the order of the authors' files.
 CSV_COLUMNS = (
@@ -76,109 +50,6 @@ CSV_COLUMNS = (
     "timestamp",
 )
 _REQUIRED_COLUMNS = ("history_item_id", "item_id")
-
-PopularityMode = Literal["history", "interactions"]
-
-
-class DatasetError(ValueError):
-    """A problem in a dataset file (or an in-memory dataset). ``str(error)`` reads
-    ``"<file>, line <n>: <problem>"``; ``file`` and ``line`` are None where they do not apply."""
-
-    def __init__(
-        self, problem: str, file: str | os.PathLike | None = None, line: int | None = None
-    ):
-        self.problem = problem
-        self.file = None if file is None else str(file)
-        self.line = line
-        where = self.file or "dataset"
-        if line is not None:
-            where += f", line {line}"
-        super().__init__(f"{where}: {problem}")
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One training or evaluation example: the items before ``target`` (oldest first) and the
-    target. The other fields are known for freshly prepared data and for the published valid/test
-    files, and None where the file does not say (e.g. the published, rebuilt train CSV)."""
-
-    history: tuple[int, ...]
-    target: int
-    user: str | None = None
-    timestamp: int | None = None  # unix seconds of the target interaction
-    rating: float | None = None
-    history_timestamps: tuple[int, ...] | None = None
-    history_ratings: tuple[float, ...] | None = None
-
-
-@dataclass
-class Dataset:
-    """A catalog and its three splits.
-
-    ``titles[i]`` is the title of item ``i``; ``item_keys[i]``, when known, its raw id in the
-    source data (an Amazon ASIN, a MovieLens movie id), None where unknown. Samples keep file
-    order, which is the temporal order for data prepared by :mod:`flower_rec.prepare`."""
-
-    name: str
-    titles: list[str]
-    train: list[Sample]
-    valid: list[Sample]
-    test: list[Sample]
-    item_keys: list[str | None] | None = field(default=None)
-
-    @property
-    def num_items(self) -> int:
-        return len(self.titles)
-
-    def split(self, name: str) -> list[Sample]:
-        """The samples of split ``name`` (``"train"``, ``"valid"`` or ``"test"``)."""
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return getattr(self, name)
-
-    def title_items(self) -> dict[str, list[int]]:
-        """Title -> the ids of the items with that title (one-to-many), in catalog order."""
-        out: dict[str, list[int]] = {}
-        for item, title in enumerate(self.titles):
-            out.setdefault(title, []).append(item)
-        return out
-
-    def validate(self) -> None:
-        """Check the in-memory invariants that the file format needs: titles non-empty without
-        tab or line breaks, ids in range, per-sample list lengths, non-empty splits."""
-        n = len(self.titles)
-        if n == 0:
-            raise DatasetError(f"dataset {self.name!r} has an empty catalog")
-        for item, title in enumerate(self.titles):
-            if not isinstance(title, str) or not title or any(c in title for c in "\t\r\n"):
-                raise DatasetError(
-                    f"dataset {self.name!r}: item {item} has an invalid title {title!r} "
-                    "(must be a non-empty string without tab or line breaks)"
-                )
-        if self.item_keys is not None and len(self.item_keys) != n:
-            raise DatasetError(
-                f"dataset {self.name!r}: {len(self.item_keys)} item keys for {n} items"
-            )
-        for split in SPLITS:
-            samples = self.split(split)
-            if not samples:
-                raise DatasetError(f"dataset {self.name!r}: the {split} split is empty")
-            for index, s in enumerate(samples):
-                bad = [i for i in (*s.history, s.target) if not (0 <= i < n)]
-                if bad:
-                    raise DatasetError(
-                        f"dataset {self.name!r}: {split} sample {index} has unknown item id "
-                        f"{bad[0]} (the catalog has {n} items)"
-                    )
-                for name, values in (
-                    ("history_timestamps", s.history_timestamps),
-                    ("history_ratings", s.history_ratings),
-                ):
-                    if values is not None and len(values) != len(s.history):
-                        raise DatasetError(
-                            f"dataset {self.name!r}: {split} sample {index} has {len(values)} "
-                            f"{name} for {len(s.history)} history items"
-                        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +209,6 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 def _read_split(path: Path, titles: list[str], keys: dict[int, tuple[str, str]]) -> list[Sample]:
-    n = len(titles)
     samples: list[Sample] = []
     with _open_text(path) as f:
         reader = csv.reader(f)
@@ -365,7 +235,7 @@ def _read_split(path: Path, titles: list[str], keys: dict[int, tuple[str, str]])
                         f"expected {width} fields as in the header, found {len(row)}", path, lineno
                     )
                 try:
-                    sample = _parse_row(row, get, titles, n, keys, f"{path}, line {lineno}")
+                    sample = _parse_row(row, get, titles, keys, f"{path}, line {lineno}")
                 except ValueError as e:
                     raise DatasetError(str(e), path, lineno) from None
                 samples.append(sample)
@@ -379,21 +249,49 @@ def _read_split(path: Path, titles: list[str], keys: dict[int, tuple[str, str]])
 
 
 def _parse_row(
-    row: list[str],
-    get: dict[str, int | None],
-    titles: list[str],
-    n: int,
-    keys: dict[int, tuple[str, str]],
-    where: str,
+    row: list[str], get: dict[str, int | None], titles: list[str],
+    keys: dict[int, tuple[str, str]], where: str,
 ) -> Sample:
-    def cell(name: str) -> str | None:
-        i = get[name]
-        if i is None or row[i] == "":
-            return None
-        return row[i]
+    """The sample of one CSV row; its checks run in column order, so the first problem found is
+    the one reported. ValueError names the column."""
+    cells = {name: row[i] for name, i in get.items() if i is not None and row[i] != ""}
+    history, target = _parse_items(cells, len(titles))
+    _check_titles(cells, history, target, titles)
+    text = cells.get("len_seq")
+    if text is not None and _parse_int(text, "len_seq") != len(history):
+        raise ValueError(f"len_seq {text} but the history has {len(history)} items")
+    _note_keys(cells, history, target, keys, where)
 
-    history_text = cell("history_item_id")
-    target_text = cell("item_id")
+    ratings = timestamps = timestamp = rating = None
+    text = cells.get("history_rating")
+    if text is not None:
+        ratings = _parse_float_list(text, "history_rating")
+        _check_length("history_rating", len(ratings), len(history))
+    text = cells.get("history_timestamp")
+    if text is not None:
+        timestamps = _check_timestamps(_parse_int_list(text, "history_timestamp"),
+                                       "history_timestamp")
+        _check_length("history_timestamp", len(timestamps), len(history))
+    text = cells.get("timestamp")
+    if text is not None:
+        (timestamp,) = _check_timestamps((_parse_int(text, "timestamp"),), "timestamp")
+    text = cells.get("rating")
+    if text is not None:
+        rating = _parse_float(text, "rating")
+    return Sample(
+        history=history,
+        target=target,
+        user=cells.get("user_id"),
+        timestamp=timestamp,
+        rating=rating,
+        history_timestamps=timestamps,
+        history_ratings=ratings,
+    )
+
+
+def _parse_items(cells: dict[str, str], n: int) -> tuple[tuple[int, ...], int]:
+    history_text = cells.get("history_item_id")
+    target_text = cells.get("item_id")
     if history_text is None:
         raise ValueError("empty history_item_id")
     if target_text is None:
@@ -406,13 +304,18 @@ def _parse_row(
                 raise ValueError(
                     f"unknown item id {item} in {column} (the catalog has ids 0..{n - 1})"
                 )
+    return history, target
 
-    text = cell("item_title")
+
+def _check_titles(
+    cells: dict[str, str], history: tuple[int, ...], target: int, titles: list[str]
+) -> None:
+    text = cells.get("item_title")
     if text is not None and text != titles[target]:
         raise ValueError(
             f"item_title {text!r} is not the catalog title {titles[target]!r} of item {target}"
         )
-    text = cell("history_item_title")
+    text = cells.get("history_item_title")
     # fast path: the file holds exactly the list literal of the catalog titles
     if text is not None and text != repr([titles[i] for i in history]):
         history_titles = _parse_str_list(text, "history_item_title")
@@ -423,43 +326,21 @@ def _parse_row(
                     f"history_item_title[{k}] {title!r} is not the catalog title "
                     f"{titles[item]!r} of item {item}"
                 )
-    text = cell("len_seq")
-    if text is not None and _parse_int(text, "len_seq") != len(history):
-        raise ValueError(f"len_seq {text} but the history has {len(history)} items")
 
-    text = cell("item_asins")
-    history_keys = _parse_str_list(text, "item_asins") if text is not None else None
-    if history_keys is not None:
+
+def _note_keys(
+    cells: dict[str, str], history: tuple[int, ...], target: int,
+    keys: dict[int, tuple[str, str]], where: str,
+) -> None:
+    text = cells.get("item_asins")
+    if text is not None:
+        history_keys = _parse_str_list(text, "item_asins")
         _check_length("item_asins", len(history_keys), len(history))
         for item, key in zip(history, history_keys, strict=True):
             _note_key(keys, item, key, where)
-    key = cell("item_asin")
+    key = cells.get("item_asin")
     if key is not None:
         _note_key(keys, target, key, where)
-
-    ratings = timestamps = None
-    text = cell("history_rating")
-    if text is not None:
-        ratings = _parse_float_list(text, "history_rating")
-        _check_length("history_rating", len(ratings), len(history))
-    text = cell("history_timestamp")
-    if text is not None:
-        timestamps = _check_timestamps(_parse_int_list(text, "history_timestamp"),
-                                       "history_timestamp")
-        _check_length("history_timestamp", len(timestamps), len(history))
-    rating_text, timestamp_text = cell("rating"), cell("timestamp")
-    timestamp = None
-    if timestamp_text is not None:
-        (timestamp,) = _check_timestamps((_parse_int(timestamp_text, "timestamp"),), "timestamp")
-    return Sample(
-        history=history,
-        target=target,
-        user=cell("user_id"),
-        timestamp=timestamp,
-        rating=None if rating_text is None else _parse_float(rating_text, "rating"),
-        history_timestamps=timestamps,
-        history_ratings=ratings,
-    )
 
 
 def _check_length(column: str, got: int, expected: int) -> None:
@@ -564,64 +445,3 @@ def _write_json(path: Path, value: object) -> None:
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
         handle.write(json.dumps(value, indent=4))
 
-
-# --------------------------------------------------------------------------------------------
-# Popularity
-
-
-def popularity_counts(dataset: Dataset, mode: PopularityMode = "history") -> dict[str, int]:
-    """Popularity of each title in the training split, keyed by title (identical titles merge),
-    in the order in which the titles are first counted (the tie-break of
-    :func:`popularity_groups`). Titles never counted are absent.
-
-    ``mode="history"`` (the paper's reward): the number of times the title occurs in the history
-    lists of the training samples, so an interaction counts once per window it falls in (up to
-    10 times). Reproduces the published ``*_title_interaction_*.json`` exactly, key order
-    included.
-
-    ``mode="interactions"``: each training interaction once: every training target, plus the
-    first item of each user sequence that starts in the training split (recognised as the
-    single history item of a one-item-history sample, which is how the 10-item-window samples
-    of :mod:`flower_rec.prepare` begin a sequence)."""
-    titles = dataset.titles
-    counts: dict[str, int] = {}
-    if mode == "history":
-        for s in dataset.train:
-            for item in s.history:
-                t = titles[item]
-                counts[t] = counts.get(t, 0) + 1
-    elif mode == "interactions":
-        for s in dataset.train:
-            if len(s.history) == 1:
-                t = titles[s.history[0]]
-                counts[t] = counts.get(t, 0) + 1
-            t = titles[s.target]
-            counts[t] = counts.get(t, 0) + 1
-    else:
-        raise ValueError(f"unknown popularity mode {mode!r}; expected 'history' or 'interactions'")
-    return counts
-
-
-def popularity_groups(counts: Mapping[str, float], num_groups: int = 8) -> list[list[str]]:
-    """The titles with a positive count, sorted by count descending (ties keep the order of
-    ``counts``), cut into ``num_groups`` groups of equal size, the first ``len % num_groups``
-    groups one larger (``numpy.array_split``). Group 0 is the most popular. Groups are empty only
-    when there are fewer titles than groups."""
-    if num_groups < 1:
-        raise ValueError(f"num_groups must be at least 1, got {num_groups}")
-    ranked = sorted((t for t, c in counts.items() if c > 0), key=lambda t: -counts[t])
-    size, extra = divmod(len(ranked), num_groups)
-    groups, start = [], 0
-    for g in range(num_groups):
-        stop = start + size + (1 if g < extra else 0)
-        groups.append(ranked[start:stop])
-        start = stop
-    return groups
-
-
-def group_item_ids(dataset: Dataset, groups: Sequence[Iterable[str]]) -> list[list[int]]:
-    """The item ids of each group's titles: every id of a title shared by several items (sorted
-    by title rank, then id). The published ``*_group_ids_*.json`` instead keep one id per
-    title, the largest; :func:`save_dataset` writes that form."""
-    by_title = dataset.title_items()
-    return [[i for t in group for i in by_title.get(t, ())] for group in groups]

@@ -4,7 +4,7 @@ The generative model (every number is a field of :class:`SyntheticConfig`; the d
 once, from the shape of the real Video_Games data and from common knowledge of game catalogs, and
 are not to be tuned to make any method look better):
 
-Catalog. ``items`` items (before the 5-core filter of :func:`~flower_rec.prepare.build_dataset`),
+Catalog. ``items`` items (before the 5-core filter of :func:`~flower_rec.data.build_dataset`),
 ~10% hardware, the rest games (fewer only if the word banks run out, past ~2,500 games).
 
 * Games come in *franchises*. A franchise has one of 8 genres and a two-word name from that
@@ -57,14 +57,23 @@ from __future__ import annotations
 import bisect
 import calendar
 import math
+import os
 import random
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from .prepare import Interaction
+from .dataset import Dataset
+from .pipeline import Interaction, Log, build_dataset, save_if_asked
 
-__all__ = ["SyntheticConfig", "SyntheticItem", "SyntheticUser", "SyntheticWorld", "generate"]
+__all__ = [
+    "SyntheticConfig",
+    "SyntheticItem",
+    "SyntheticUser",
+    "SyntheticWorld",
+    "generate",
+    "prepare_synthetic",
+]
 
 # (genre, first words, second words). Genre words hint at the genre; some words are shared
 # across genres. Pairs that name famous real franchises were avoided.
@@ -252,6 +261,28 @@ def generate(
     return world
 
 
+def prepare_synthetic(
+    out: str | os.PathLike | None = None,
+    *,
+    items: int = 400,
+    users: int = 2000,
+    seed: int = 0,
+    name: str = "synthetic",
+    progress: bool = True,
+    log: Log = None,
+) -> Dataset:
+    """The embedded default dataset: a synthetic video-game store (the module docstring has the
+    generative model and its fixed parameters), generated from ``seed`` and run through
+    :func:`~flower_rec.data.build_dataset` like the real data (5-core, which may
+    remove a few rarely bought items, seeded id shuffle, histories of up to 10 items, temporal
+    80/10/10 split). The same arguments give the same dataset, byte for byte."""
+    world = generate(items=items, users=users, seed=seed, progress=progress)
+    dataset = build_dataset(
+        name, world.interactions, world.titles(), seed=seed, source="synthetic generator", log=log
+    )
+    return save_if_asked(dataset, out, log)
+
+
 def _choose_weighted(rng: random.Random, options: list, weights: list[float]):
     return options[bisect.bisect_right(_cumulative(weights), rng.random() * sum(weights))]
 
@@ -279,18 +310,7 @@ def _catalog(total: int, cfg: SyntheticConfig, rng: random.Random) -> list[Synth
     share = dict(PLATFORMS)
     max_share = max(share.values())
     # (title, line, genre, platform, relative weight)
-    rows: list[tuple[str, str, str, str, float]] = []
-
-    hardware_wanted = max(1, round(total * cfg.hardware_share))
-    # consoles of every platform first, then the first accessory of each, ...; an accessory of
-    # rank r weighs 1/(1+r) of the console
-    for rank in range(max(len(HARDWARE_DEFAULT), *(len(v) for v in HARDWARE.values()))):
-        for p, _ in PLATFORMS:
-            kinds = HARDWARE.get(p, HARDWARE_DEFAULT)
-            if rank < len(kinds) and len(rows) < hardware_wanted:
-                weight = share[p] / max_share / (1 + rank)
-                rows.append((f"{p} {kinds[rank]}", f"{p} hardware", "Hardware", p, weight))
-
+    rows = _hardware_rows(round(total * cfg.hardware_share))
     relistings = round(total * cfg.relisting_share)
     games_wanted = total - len(rows) - relistings
     names: dict[str, list[str]] = {}
@@ -357,6 +377,24 @@ def _catalog(total: int, cfg: SyntheticConfig, rng: random.Random) -> list[Synth
         )
         for index, (title, line, genre, platform, weight) in enumerate(rows)
     ]
+
+
+def _hardware_rows(wanted: int) -> list[tuple[str, str, str, str, float]]:
+    """``(title, line, genre, platform, relative weight)`` of ``wanted`` hardware items (at
+    least one)."""
+    share = dict(PLATFORMS)
+    max_share = max(share.values())
+    rows: list[tuple[str, str, str, str, float]] = []
+    hardware_wanted = max(1, wanted)
+    # consoles of every platform first, then the first accessory of each, ...; an accessory of
+    # rank r weighs 1/(1+r) of the console
+    for rank in range(max(len(HARDWARE_DEFAULT), *(len(v) for v in HARDWARE.values()))):
+        for p, _ in PLATFORMS:
+            kinds = HARDWARE.get(p, HARDWARE_DEFAULT)
+            if rank < len(kinds) and len(rows) < hardware_wanted:
+                weight = share[p] / max_share / (1 + rank)
+                rows.append((f"{p} {kinds[rank]}", f"{p} hardware", "Hardware", p, weight))
+    return rows
 
 
 def _users(
