@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from flower_rec.auxiliary import load_sasrec, training_probabilities
 from flower_rec.data import load_dataset
 from flower_rec.evaluate import popularity_reference
 from flower_rec.rewards import REWARD_VARIANTS, PopularityRewards, centred_scale
-from flower_rec.sasrec import SASRec, training_probabilities
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
     args = parser.parse_args()
     folder = Path(args.folder)
     dataset = load_dataset(args.data or folder / "synthetic")
-    probabilities = training_probabilities(SASRec.load(folder / "aux"), dataset)
+    probabilities = training_probabilities(load_sasrec(folder / "aux"), dataset)
     p_u = probabilities(torch.arange(len(dataset.train))).double()
     rewards = PopularityRewards.from_dataset(dataset)
     head = set(popularity_reference(dataset)[0][0])

@@ -109,9 +109,9 @@ AUX_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
 
 def _train_aux(args: argparse.Namespace) -> int:
+    from .auxiliary import evaluate_sasrec, most_popular_baseline, save_sasrec, train_sasrec
     from .data import load_dataset
     from .files import atomic_open
-    from .sasrec import evaluate_sasrec, most_popular_baseline, train_sasrec
 
     dataset = load_dataset(args.data)
     model, report = train_sasrec(
@@ -128,7 +128,7 @@ def _train_aux(args: argparse.Namespace) -> int:
         for split in ("valid", "test")
     }
     out = Path(args.out)
-    model.save(out)
+    save_sasrec(model, out)
     config = {key: value for key, value in vars(args).items() if key != "handler"}
     with atomic_open(out / "report.json", "w", encoding="utf-8") as handle:
         json.dump({"command": config, **report, "metrics": metrics}, handle, indent=2)
@@ -168,11 +168,11 @@ def _train(args: argparse.Namespace) -> int:
     options.update(overrides)
     config = TrainConfig.from_dict(options)  # every option's type and range, before any work
     if args.aux:
+        from .auxiliary import load_sasrec, training_probabilities
         from .data import load_dataset
-        from .sasrec import SASRec, training_probabilities
 
         dataset = load_dataset(config.data)
-        aux = SASRec.load(args.aux)
+        aux = load_sasrec(args.aux)
         config.aux_probabilities = training_probabilities(aux, dataset)
         if config.eval_steps is not None:  # validation samples have p_u of their own
             config.valid_aux_probabilities = training_probabilities(aux, dataset, "valid")
@@ -201,10 +201,10 @@ def _screen(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
     probabilities = None
     if args.aux is not None:
-        from .sasrec import SASRec, item_probabilities
+        from .auxiliary import item_probabilities, load_sasrec
 
         samples = dataset.split(args.split)[: args.limit]
-        probabilities = item_probabilities(SASRec.load(args.aux), samples)
+        probabilities = item_probabilities(load_sasrec(args.aux), samples)
     rows = screen(dataset, probabilities, split=args.split, k=args.k, limit=args.limit)
     print(format_screen(rows, args.k))
     if args.out is not None:

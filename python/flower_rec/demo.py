@@ -121,14 +121,14 @@ class Variant:
 
 
 def _train_aux(data: Path, out: Path, config: DemoConfig):
-    from .sasrec import SASRec, train_sasrec
+    from .auxiliary import load_sasrec, save_sasrec, train_sasrec
 
     if (out / "model.safetensors").is_file():
-        return SASRec.load(out)
+        return load_sasrec(out)
     model, report = train_sasrec(
         load_dataset(data), seed=config.seed, epochs=5 if config.quick else 200
     )
-    model.save(out)
+    save_sasrec(model, out)
     with atomic_open(out / "report.json", "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     return model
@@ -200,9 +200,9 @@ def _plot_guidance(metrics: dict, path: Path, title: str) -> None:
 def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
     """Trains and evaluates ``variants`` (default: SFT and Flower with the config's theta and
     reward) and returns the report (also written to ``report.json``)."""
+    from .auxiliary import training_probabilities
     from .data import prepare_synthetic
     from .plots import plot_group_shares
-    from .sasrec import training_probabilities
 
     variants = config.default_variants() if variants is None else variants
     names = [variant.name for variant in variants]

@@ -1,4 +1,4 @@
-"""flower_rec.sasrec: the auxiliary SASRec of the personalised rewards, on a small synthetic
+"""flower_rec.auxiliary: the auxiliary SASRec of the personalised rewards, on a small synthetic
 dataset (75 items, ~2,200 training samples; training takes a few seconds on two CPU cores)."""
 
 import json
@@ -8,21 +8,22 @@ import pickle
 import pytest
 import torch
 
-from flower_rec.cli import main
-from flower_rec.data import Dataset, Sample, prepare_synthetic
-from flower_rec.sasrec import (
+from flower_rec.auxiliary import (
     SASRec,
     SASRecConfig,
-    _ranked_titles,
-    _sample_negatives,
-    _title_index,
     encode_histories,
     evaluate_sasrec,
     history_mask,
     item_probabilities,
+    load_sasrec,
     most_popular_baseline,
+    save_sasrec,
     train_sasrec,
 )
+from flower_rec.auxiliary.evaluation import _ranked_titles, _title_index
+from flower_rec.auxiliary.training import _sample_negatives
+from flower_rec.cli import main
+from flower_rec.data import Dataset, Sample, prepare_synthetic
 
 # A short schedule that learns the small dataset in ~20 epochs (the defaults, lr 1e-3 and
 # dropout 0.5, need ~50 there).
@@ -303,21 +304,21 @@ def test_bad_config_is_refused(bad):
 
 def test_save_load_round_trip(dataset, trained, tmp_path):
     model, _ = trained
-    folder = model.save(tmp_path / "model")
+    folder = save_sasrec(model, tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    loaded = SASRec.load(folder)
+    loaded = load_sasrec(folder)
     assert loaded.config == model.config and not loaded.training
     histories = [s.history for s in dataset.test]
     with torch.no_grad():
         assert torch.equal(loaded.scores(histories), model.scores(histories))
     assert evaluate_sasrec(loaded, dataset, "test") == evaluate_sasrec(model, dataset, "test")
-    model.save(folder)  # overwriting in place works too
-    assert SASRec.load(folder).config == model.config
+    save_sasrec(model, folder)  # overwriting in place works too
+    assert load_sasrec(folder).config == model.config
 
 
 def test_load_refuses_foreign_and_broken_folders(tmp_path):
     model = tiny_model()
-    good = model.save(tmp_path / "good")
+    good = save_sasrec(model, tmp_path / "good")
     config = json.loads((good / "config.json").read_text())
 
     def variant(name, config_text=None, weights=None):
@@ -332,7 +333,7 @@ def test_load_refuses_foreign_and_broken_folders(tmp_path):
         return folder
 
     with pytest.raises(FileNotFoundError):
-        SASRec.load(tmp_path / "missing")
+        load_sasrec(tmp_path / "missing")
     cases = {
         "not json": variant("a", config_text="{"),
         "format": variant("b", config_text=json.dumps({**config, "format": "other"})),
@@ -344,16 +345,16 @@ def test_load_refuses_foreign_and_broken_folders(tmp_path):
     }
     for expected, folder in cases.items():
         with pytest.raises(ValueError) as error:
-            SASRec.load(folder)
+            load_sasrec(folder)
         assert str(folder) in str(error.value), expected
     # a config.json that disagrees with the weights' own copy (an interrupted save)
-    other = tiny_model(num_items=30, dropout=0.1).save(tmp_path / "other")
+    other = save_sasrec(tiny_model(num_items=30, dropout=0.1), tmp_path / "other")
     mixed = variant("h", config_text=(other / "config.json").read_text())
     with pytest.raises(ValueError, match="another configuration"):
-        SASRec.load(mixed)
+        load_sasrec(mixed)
     (good / "config.json").unlink()
     with pytest.raises(ValueError, match="missing"):
-        SASRec.load(good)
+        load_sasrec(good)
 
 
 def _rewrite_weights(folder, change_state=None, config=None):
@@ -375,7 +376,7 @@ def _rewrite_weights(folder, change_state=None, config=None):
 
 def test_load_checks_every_tensor(tmp_path):
     def case(name, change_state=None, **config_change):
-        folder = tiny_model().save(tmp_path / name)
+        folder = save_sasrec(tiny_model(), tmp_path / name)
         config = None
         if config_change:
             config = {**tiny_model().config.to_dict(), **config_change}
@@ -391,7 +392,7 @@ def test_load_checks_every_tensor(tmp_path):
     def wrong_dtype(state):
         state["final_norm.bias"] = state["final_norm.bias"].double()
 
-    assert SASRec.load(case("fine")).config.num_items == 30  # the helper itself is sound
+    assert load_sasrec(case("fine")).config.num_items == 30  # the helper itself is sound
     rng = torch.get_rng_state()
     cases = {
         "NaN": case("nan", nan),
@@ -402,12 +403,12 @@ def test_load_checks_every_tensor(tmp_path):
     }
     for message, folder in cases.items():
         with pytest.raises(ValueError, match=message):
-            SASRec.load(folder)
+            load_sasrec(folder)
     assert torch.equal(torch.get_rng_state(), rng)  # loading draws no random numbers
 
 
 def test_load_never_unpickles(tmp_path):
-    folder = tiny_model().save(tmp_path / "m")
+    folder = save_sasrec(tiny_model(), tmp_path / "m")
     marker = tmp_path / "ran"
 
     class Payload:
@@ -417,10 +418,10 @@ def test_load_never_unpickles(tmp_path):
     (folder / "model.safetensors").write_bytes(pickle.dumps({"item_embedding.weight": Payload()}))
     torch.save({"x": torch.zeros(1)}, tmp_path / "torch.pt")
     with pytest.raises(ValueError, match="safetensors"):
-        SASRec.load(folder)
+        load_sasrec(folder)
     (folder / "model.safetensors").write_bytes((tmp_path / "torch.pt").read_bytes())
     with pytest.raises(ValueError, match="safetensors"):
-        SASRec.load(folder)
+        load_sasrec(folder)
     assert not marker.exists()
 
 
@@ -438,7 +439,7 @@ def test_cli_train_aux(data_dir, dataset, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["command"]["epochs"] == 2 and report["training"]["batch_size"] == 256
     assert 1 <= len(report["epochs"]) <= 2
-    model = SASRec.load(out)
+    model = load_sasrec(out)
     for split in ("valid", "test"):
         assert report["metrics"][split]["sasrec"] == evaluate_sasrec(model, dataset, split)
         assert report["metrics"][split]["most_popular"] == most_popular_baseline(dataset, split)
@@ -453,7 +454,7 @@ def test_cli_train_aux_include_history(data_dir, dataset, tmp_path, capsys):
     assert "ranking all items\n" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["exclude_history"] is False
-    model = SASRec.load(out)
+    model = load_sasrec(out)
     for split in ("valid", "test"):
         ours = evaluate_sasrec(model, dataset, split, exclude_history=False)
         assert report["metrics"][split]["sasrec"] == ours

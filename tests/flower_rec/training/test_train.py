@@ -594,8 +594,8 @@ def test_prompt_cutoff_drops_the_oldest_whole_titles(dataset, tokenizer, catalog
 def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
     """`flower-rec train` flags reach the configuration; --aux gives the validation samples their
     own p_u (an untrained SASRec is enough here)."""
+    from flower_rec.auxiliary import SASRec, SASRecConfig, save_sasrec
     from flower_rec.cli import main
-    from flower_rec.sasrec import SASRec, SASRecConfig
 
     flags = ("--eval-steps", "--valid-limit", "--early-stopping-patience", "--max-prompt-tokens")
     with pytest.raises(SystemExit):
@@ -603,7 +603,7 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
     help_text = capsys.readouterr().out
     assert all(flag in help_text for flag in flags)
 
-    aux = SASRec(SASRecConfig(num_items=dataset.num_items)).save(tmp_path / "aux")
+    aux = save_sasrec(SASRec(SASRecConfig(num_items=dataset.num_items)), tmp_path / "aux")
     options = tmp_path / "run.yaml"
     options.write_text("batch_size: 4\nprogress: false\ntiny_hidden_size: 32\ntiny_layers: 1\n"
                        "tiny_heads: 2\ntiny_vocab_size: 400\nlogging_steps: 1\n")
