@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .cli_options import add_config_options, config_from_args
 from .data import DatasetError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -184,13 +185,7 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, main_demo
 
-    return main_demo(
-        DemoConfig(
-            out=args.out, data=args.data, domain=args.domain, quick=args.quick, seed=args.seed,
-            epochs=args.epochs, theta=args.theta, reward=args.reward, eval_limit=args.eval_limit,
-            guidance=args.guidance, guidance_users=args.guidance_users,
-        )
-    )
+    return main_demo(config_from_args(DemoConfig, args))
 
 
 def _screen(args: argparse.Namespace) -> int:
@@ -217,11 +212,7 @@ def _screen(args: argparse.Namespace) -> int:
 def _rq1(args: argparse.Namespace) -> int:
     from .rq1 import RQ1Config, run_rq1
 
-    report = run_rq1(RQ1Config(
-        data=args.data, out=args.out, size=args.size, variants=args.variants, seeds=args.seeds,
-        data_seed=args.data_seed, epochs=args.epochs, patience=args.patience,
-        batch_size=args.batch_size, valid_limit=args.valid_limit,
-    ))
+    report = run_rq1(config_from_args(RQ1Config, args))
     print(report["table"])
     print(f"\nwrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'rq1.png'}")
     return 0
@@ -234,13 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
         "training. Datasets use the Flower/BIGRec folder layout (info/, train/, valid/, test/).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
+    _add_prepare(commands)
+    _add_stats(commands)
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_train_aux(commands)
+    _add_screen(commands)
+    _add_rq1(commands)
+    return parser
 
-    from .decoding import GUIDANCE_FORMS
-    from .demo import DemoConfig
-    from .evaluate import DECODING_MODES
-    from .prompts import DOMAINS
-    from .rewards import REWARD_VARIANTS
-    from .training import FLOW_LOSSES, POLICIES, ROLLOUTS
+
+def _add_demo(commands) -> None:
+    from .demo import DEMO_RULES, DemoConfig
 
     demo = commands.add_parser(
         "demo",
@@ -252,41 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         "report.json and groups.png. Stages already done in --out are skipped, so a rerun "
         "continues.",
     )
-    demo.add_argument("--out", default="flower-demo", help="output folder (default: flower-demo)")
-    demo.add_argument(
-        "--data", help="a dataset folder to use instead of the synthetic one (info/, train/, ...)"
-    )
-    demo.add_argument(
-        "--domain", choices=sorted(DOMAINS), default="items", help="wording of the prompts"
-    )
-    demo.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
-    demo.add_argument(
-        "--seed", type=int, default=DemoConfig.seed, help="random seed of every stage"
-    )
-    demo.add_argument(
-        "--epochs", type=float, default=DemoConfig.epochs,
-        help=f"training epochs per method (default: {DemoConfig.epochs:g})",
-    )
-    demo.add_argument(
-        "--theta", type=float, default=DemoConfig.theta,
-        help=f"Flower's SFT weight (default: {DemoConfig.theta:g})",
-    )
-    demo.add_argument(
-        "--reward", choices=REWARD_VARIANTS, default=DemoConfig.reward,
-        help=f"Flower's item reward variant (default: {DemoConfig.reward})",
-    )
-    demo.add_argument("--eval-limit", type=int, help="evaluate the first N test samples only")
-    demo.add_argument(
-        "--guidance", default=DemoConfig.guidance, metavar="BETA|auto",
-        help="flow guidance of the guided-beam rows: 'auto' (default) chooses beta and its form "
-        "on the valid split (lowest DGU at NDCG@10 >= 0.95x unguided), or a beta",
-    )
-    demo.add_argument(
-        "--guidance-users", type=int, default=DemoConfig.guidance_users,
-        help=f"valid samples the guidance is chosen on (default: {DemoConfig.guidance_users})",
-    )
+    add_config_options(demo, DemoConfig, DEMO_RULES, extra={"guidance": {"metavar": "BETA|auto"}})
     demo.set_defaults(handler=_demo)
 
+
+def _add_prepare(commands) -> None:
     prepare = commands.add_parser("prepare", help="build a dataset folder from raw data")
     sources = prepare.add_subparsers(dest="source", required=True, metavar="SOURCE")
 
@@ -329,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--out", required=True, help="output dataset folder (created)")
     synthetic.set_defaults(handler=_prepare_synthetic)
 
+
+def _add_stats(commands) -> None:
     stats = commands.add_parser(
         "stats",
         help="dataset statistics and popularity groups",
@@ -343,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     stats.set_defaults(handler=_stats)
 
+
+def _add_train(commands) -> None:
+    from .training import FIELD_RULES, TrainConfig
+
     training = commands.add_parser(
         "train",
         help="fine-tune a causal LM recommender with SFT or Flower",
@@ -356,76 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
         "TrainConfig fields, e.g. eval_steps); command-line flags override it.",
     )
     training.add_argument("--config", help="YAML file of training options (TrainConfig fields)")
-    training.add_argument("--data", help="dataset folder")
-    training.add_argument("--out", help="run folder (model, tokenizer, metrics.jsonl, checkpoints)")
-    training.add_argument("--method", choices=("sft", "flower"))
-    training.add_argument("--flow-loss", dest="flow_loss", choices=FLOW_LOSSES)
-    training.add_argument(
-        "--policy", choices=POLICIES,
-        help="the flow loss's policy: full (full-vocabulary softmax, the paper's) or masked "
-        "(renormalised over the trie children)",
-    )
-    training.add_argument(
-        "--leakage-weight", dest="leakage_weight", type=float,
-        help="lambda of the conservative penalty on the mass leaving the trie (default 0)",
-    )
-    training.add_argument(
-        "--off-policy-share", dest="off_policy_share", type=float,
-        help="share of SubTB trajectories drawn from R_u/Z_u instead of the model (default 0)",
-    )
-    training.add_argument(
-        "--rollout-temperature", dest="rollout_temperature", type=float,
-        help="temperature of the on-policy rollouts (default 1)",
-    )
-    training.add_argument(
-        "--rollout", choices=ROLLOUTS,
-        help="ours (default) or published: the released code's SubTB step, for parity "
-        "(context-free forwards after the prompt; not a recommended setting)",
-    )
-    training.add_argument(
-        "--reward-counts", dest="reward_counts", metavar="JSON",
-        help="JSON {title: count} used as the rewards' popularity (default: history counts)",
-    )
-    training.add_argument("--model", help="local folder or hub id (default: the tiny model)")
-    training.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters")
-    training.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
-    training.add_argument("--theta", type=float, help="weight of SFT (default 0.9995)")
-    training.add_argument(
-        "--reward", choices=REWARD_VARIANTS,
-        help="item reward variant (logp_div_s, the paper's default, needs --aux)",
-    )
     training.add_argument("--aux", help="a train-aux output folder (SASRec giving p_u)")
-    training.add_argument("--floor-count", dest="floor_count", type=float,
-                          help="popularity count of titles never in a training history")
-    training.add_argument("--domain", choices=sorted(DOMAINS), help="wording of the prompt")
-    training.add_argument("--lr", dest="learning_rate", type=float, help="learning rate")
-    training.add_argument("--epochs", type=float, help="training epochs")
-    training.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N steps")
-    training.add_argument("--batch-size", dest="batch_size", type=int, help="samples per step")
-    training.add_argument("--save-steps", dest="save_steps", type=int, help="checkpoint interval")
-    training.add_argument(
-        "--eval-steps", dest="eval_steps", type=int,
-        help="validation loss on the valid split every N optimizer steps (default: none)",
+    add_config_options(
+        training, TrainConfig, FIELD_RULES, unset=True,
+        skip=("aux_probabilities", "valid_aux_probabilities", "lora_target_modules"),
+        extra={"learning_rate": {"flags": ["--lr"]}},
     )
-    training.add_argument(
-        "--valid-limit", dest="valid_limit", type=int,
-        help="validate on the first N valid samples only (default: all)",
-    )
-    training.add_argument(
-        "--early-stopping-patience", dest="early_stopping_patience", type=int,
-        help="stop after N evaluations without a lower eval_loss and keep the best checkpoint "
-        "(needs --eval-steps; --save-steps must be a multiple of it)",
-    )
-    training.add_argument(
-        "--max-prompt-tokens", dest="max_prompt_tokens", type=int,
-        help="prompt cutoff (the paper's 512): longer prompts drop their oldest history titles",
-    )
-    training.add_argument("--seed", type=int, help="random seed")
-    training.add_argument("--resume", action="store_true", default=None,
-                          help="continue from the run folder's last checkpoint")
-    training.add_argument("--tensorboard", action="store_true", default=None,
-                          help="also write TensorBoard event files")
     training.set_defaults(handler=_train)
+
+
+def _add_evaluate(commands) -> None:
+    from .decoding import GUIDANCE_FORMS
+    from .evaluate import DECODING_MODES
+    from .prompts import DOMAINS
 
     evaluation = commands.add_parser(
         "evaluate",
@@ -481,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", required=True, help="output folder (created)")
     evaluation.set_defaults(handler=_evaluate)
 
+
+def _add_train_aux(commands) -> None:
     train_aux = commands.add_parser(
         "train-aux",
         help="train the SASRec of the personalised rewards",
@@ -510,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_aux.set_defaults(handler=_train_aux)
 
+
+def _add_screen(commands) -> None:
     screening = commands.add_parser(
         "screen",
         help="what each reward's exact top-K would give, before any training",
@@ -527,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     screening.add_argument("--out", help="also write screen.json into this folder")
     screening.set_defaults(handler=_screen)
 
-    from .rq1 import DEFAULT_VARIANTS, RQ1Config
+
+def _add_rq1(commands) -> None:
+    from .rq1 import RQ1_RULES, RQ1Config
     from .variants import TRAINING_VARIANTS
 
     rq1 = commands.add_parser(
@@ -540,26 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
         "one sampled title per test record (KL(m||b), KL(b||m), JS) and by exact scoring. "
         "Writes report.json, table.md and rq1.png into --out; finished runs are skipped.",
     )
-    rq1.add_argument("--data", required=True,
-                     help="the Movies_RQ1 folder (Movies/ and base_line_data/)")
-    rq1.add_argument("--out", required=True, help="output folder")
-    rq1.add_argument("--size", type=int, default=RQ1Config.size,
-                     help="the target set: 100 (default) or 1500 where its files exist")
-    rq1.add_argument("--variants", nargs="+", choices=list(TRAINING_VARIANTS),
-                     default=list(DEFAULT_VARIANTS), metavar="VARIANT",
-                     help=f"training variants (default: {' '.join(DEFAULT_VARIANTS)}; one of "
-                     f"{', '.join(TRAINING_VARIANTS)})")
-    rq1.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
-    rq1.add_argument("--data-seed", type=int, default=RQ1Config.data_seed,
-                     help="seed of the titles drawn from m")
-    rq1.add_argument("--epochs", type=int, default=RQ1Config.epochs, help="most epochs (7)")
-    rq1.add_argument("--patience", type=int, default=RQ1Config.patience,
-                     help="early-stopping patience in epochs (2)")
-    rq1.add_argument("--batch-size", type=int, default=RQ1Config.batch_size)
-    rq1.add_argument("--valid-limit", type=int, default=RQ1Config.valid_limit,
-                     help="validation samples per evaluation")
+    add_config_options(
+        rq1, RQ1Config, RQ1_RULES,
+        extra={"variants": {"choices": list(TRAINING_VARIANTS), "metavar": "VARIANT"}},
+    )
     rq1.set_defaults(handler=_rq1)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,17 +39,30 @@ BASELINE = "sft, beam"
 
 @dataclass
 class DemoConfig:
-    """The demo's settings. ``data`` is a dataset folder to use instead of the synthetic one
-    (:func:`flower_rec.data.load_dataset`), ``domain`` the wording of its prompts; ``quick``
-    shrinks training and evaluation to a smoke run. ``seed`` seeds the synthetic data and the
-    auxiliary model, and the training of the two default variants. ``guidance`` is the flow
-    guidance of the guided-beam rows (``"auto"``: chosen on ``guidance_users`` valid samples;
-    or a beta). ``early_stopping_patience``: the paper's protocol instead of a fixed budget
-    (``epochs`` becomes the most epochs; the validation loss on ``valid_limit`` valid samples
-    every epoch; training stops after that many epochs without improvement and keeps the best
-    one)."""
+    """The demo's settings (``flower-rec demo``).
 
-    out: str
+    Args:
+        out: output folder.
+        data: a dataset folder to use instead of the synthetic one (info/, train/, ...;
+            :func:`flower_rec.data.load_dataset`).
+        domain: wording of the prompts.
+        quick: a smoke run of a minute or two (training and evaluation shrunk).
+        seed: random seed of every stage: the synthetic data, the auxiliary model and the
+            training of the two default variants.
+        epochs: training epochs per method (the most epochs with ``early_stopping_patience``).
+        theta: Flower's SFT weight.
+        reward: Flower's item reward variant.
+        eval_limit: evaluate the first N test samples only.
+        guidance: flow guidance of the guided-beam rows: ``auto`` chooses beta and its form on
+            the valid split (lowest DGU at NDCG@10 >= 0.95x unguided), or a beta.
+        guidance_users: valid samples the guidance is chosen on.
+        early_stopping_patience: the paper's protocol instead of a fixed budget: the validation
+            loss every epoch, training stopped after this many epochs without improvement and
+            the best epoch kept.
+        valid_limit: valid samples of that validation loss.
+    """
+
+    out: str = "flower-demo"
     data: str | None = None
     domain: str = "items"
     quick: bool = False

@@ -126,7 +126,21 @@ def rq1_dataset(rq1: RQ1Data, seed: int = 0) -> Dataset:
 
 @dataclass
 class RQ1Config:
-    """Settings of :func:`run_rq1` (see the module docstring)."""
+    """Settings of :func:`run_rq1` (see the module docstring).
+
+    Args:
+        data: the Movies_RQ1 folder (Movies/ and base_line_data/).
+        out: output folder.
+        size: the target set: 100, or 1500 where its files exist.
+        variants: training variants (:data:`flower_rec.variants.TRAINING_VARIANTS`).
+        seeds: training seeds.
+        data_seed: seed of the titles drawn from m.
+        epochs: most epochs.
+        patience: early-stopping patience in epochs.
+        batch_size: samples per step.
+        valid_limit: validation samples per evaluation.
+        progress: progress bars.
+    """
 
     data: str
     out: str

@@ -1,11 +1,16 @@
 """The flower-rec command line, end to end on a small synthetic dataset and a tiny model."""
 
+import dataclasses
 import json
 
 import pytest
 
-from flower_rec.cli import main
+from flower_rec.cli import build_parser, main
+from flower_rec.cli_options import config_from_args, docstring_args
 from flower_rec.data import load_dataset
+from flower_rec.demo import DemoConfig
+from flower_rec.rq1 import RQ1Config
+from flower_rec.training import TrainConfig
 
 
 def test_stats_json(dataset_dir, capsys):
@@ -95,3 +100,20 @@ def test_train_rejects_bad_configuration(dataset_dir, tmp_path, capsys):
     args = ["train", "--data", str(dataset_dir), "--out", str(tmp_path / "run"), "--theta", "2"]
     assert main(args) == 2
     assert "theta" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", [TrainConfig, DemoConfig, RQ1Config])
+def test_every_option_has_its_help_in_the_docstring(config):
+    helps = docstring_args(config)
+    assert [f.name for f in dataclasses.fields(config) if not helps.get(f.name)] == []
+
+
+def test_options_default_to_the_configuration_defaults():
+    parser = build_parser()
+    assert config_from_args(DemoConfig, parser.parse_args(["demo"])) == DemoConfig()
+    args = parser.parse_args(["rq1", "--data", "d", "--out", "o"])
+    assert config_from_args(RQ1Config, args) == RQ1Config("d", "o")
+    args = parser.parse_args(["train", "--lr", "0.1", "--no-progress", "--max-steps", "3"])
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    assert given == {"command": "train", "handler": given["handler"], "learning_rate": 0.1,
+                     "progress": False, "max_steps": 3}

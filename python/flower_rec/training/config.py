@@ -174,7 +174,7 @@ class TrainConfig:
         rollout_temperature: temperature of the on-policy rollouts (1: the paper's).
         rollout: ``ours`` (the method) or ``published``: the released code's SubTB step,
             reproduced for parity (:mod:`flower_rec.training.published`: context-free
-            forwards after the prompt, right padding without a mask, "\n" as the termination
+            forwards after the prompt, right padding without a mask, "\\n" as the termination
             token, the personalised division along the sampled path). Needs the subtb flow
             loss, the full policy, no penalty or off-policy share and the reward ``logp`` or
             ``logp_div_s``. Not a recommended setting.
@@ -193,11 +193,13 @@ class TrainConfig:
             training and validation alike; None keeps every prompt whole.
         learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW and its schedule
             (linear decay after the warm-up); ``max_grad_norm`` 0 clips no gradient.
-        epochs: training epochs; ``max_steps`` > 0 overrides them (-1: train for ``epochs``).
-        batch_size: samples per device per forward; ``gradient_accumulation_steps`` forwards
-            per optimizer step.
-        save_steps: a checkpoint every this many optimizer steps; ``save_total_limit`` keeps the
-            newest ones (None keeps all).
+        epochs: training epochs.
+        max_steps: stop after this many optimizer steps; > 0 overrides ``epochs`` (-1: train
+            for ``epochs``).
+        batch_size: samples per device per forward.
+        gradient_accumulation_steps: forwards per optimizer step.
+        save_steps: a checkpoint every this many optimizer steps.
+        save_total_limit: keep the newest this many checkpoints (None keeps all).
         logging_steps: a metrics line every this many optimizer steps.
         eval_steps: the validation loss every this many optimizer steps (and at the last step);
             None: no validation.
