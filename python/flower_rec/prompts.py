@@ -356,17 +356,7 @@ def item_token_sequences(
             )
         full = [ids + newline for ids in encode(tokenizer, [prompt + t for t in titles])]
 
-    sequences, boundary_merges = [], []
-    n = len(prompt_ids)
-    for index, ids in enumerate(full):
-        if ids[:n] == prompt_ids:
-            sequences.append(ids[n:])
-            continue
-        boundary_merges.append(index)
-        common = sum(
-            1 for _ in itertools.takewhile(lambda ab: ab[0] == ab[1], zip(ids, prompt_ids))
-        )
-        sequences.append(ids[common:])
+    sequences, boundary_merges = _after_prompt(full, prompt_ids)
     if boundary_merges and on_boundary_merge == "raise":
         examples = ", ".join(repr(titles[i]) for i in boundary_merges[:5])
         raise ValueError(
@@ -389,18 +379,7 @@ def item_token_sequences(
         )
     merged = [i for i, s in enumerate(sequences) if s[-1] != termination_token_id]
 
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for index, s in enumerate(sequences):
-        groups[tuple(s)].append(index)
-    collisions = [g for g in groups.values() if len(g) > 1]
-
-    # A proper prefix sorts right before its extensions, so adjacent pairs find them all.
-    keys = sorted(groups)
-    prefix_conflicts = [
-        (groups[a][0], groups[b][0])
-        for a, b in itertools.pairwise(keys)
-        if len(a) < len(b) and b[: len(a)] == a
-    ]
+    collisions, prefix_conflicts = _collisions_and_prefixes(sequences)
     return ItemTokens(
         titles=titles,
         sequences=sequences,
@@ -413,3 +392,42 @@ def item_token_sequences(
         collisions=collisions,
         prefix_conflicts=prefix_conflicts,
     )
+
+
+def _after_prompt(
+    full: list[list[int]], prompt_ids: list[int]
+) -> tuple[list[list[int]], list[int]]:
+    """Each item's tokens after the prompt's, and the items whose tokens do not start with the
+    prompt's (the tokenizer merged across the boundary): those keep the tokens after the longest
+    common prefix."""
+    sequences, boundary_merges = [], []
+    n = len(prompt_ids)
+    for index, ids in enumerate(full):
+        if ids[:n] == prompt_ids:
+            sequences.append(ids[n:])
+            continue
+        boundary_merges.append(index)
+        common = sum(
+            1 for _ in itertools.takewhile(lambda ab: ab[0] == ab[1], zip(ids, prompt_ids))
+        )
+        sequences.append(ids[common:])
+    return sequences, boundary_merges
+
+
+def _collisions_and_prefixes(
+    sequences: list[list[int]],
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The groups of items with one sequence, and (item, item) pairs where the first item's
+    sequence is a proper prefix of the second's."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, s in enumerate(sequences):
+        groups[tuple(s)].append(index)
+    collisions = [g for g in groups.values() if len(g) > 1]
+    # A proper prefix sorts right before its extensions, so adjacent pairs find them all.
+    keys = sorted(groups)
+    prefix_conflicts = [
+        (groups[a][0], groups[b][0])
+        for a, b in itertools.pairwise(keys)
+        if len(a) < len(b) and b[: len(a)] == a
+    ]
+    return collisions, prefix_conflicts

@@ -68,6 +68,9 @@ class BeamSearch(ModelRunner):
         guidance: Guidance | None,
         flows,
     ):
+        # One function for the whole search, longer than the others: a step updates a dozen
+        # tensors of rows and candidates together, which split functions would pass back and
+        # forth; the comments mark its stages.
         device, eos, K = self.device, self.eos_token_id, num_beams
         B = batch.input_ids.shape[0]
         logits, cache = self.prefill(batch)

@@ -337,18 +337,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
                 with atomic_files(run_dir) as staging:
                     tokenizer.save_pretrained(staging)
     catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], config.domain))
-    try:
-        encoded = encode_samples(
-            dataset, "train", tokenizer, catalog, config.domain, config.max_prompt_tokens
-        )
-        valid = None
-        if config.eval_steps is not None:
-            valid = SampleSet(encode_samples(
-                dataset, "valid", tokenizer, catalog, config.domain, config.max_prompt_tokens,
-                config.valid_limit,
-            ))
-    except PromptCutoffError as error:
-        raise TrainConfigError(f"max_prompt_tokens: {error}") from None
+    encoded, valid = _encoded_splits(config, dataset, tokenizer, catalog)
     objective = FlowerObjective(
         catalog,
         method=config.method,
@@ -365,16 +354,6 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         published=_published_flow(config, dataset, tokenizer, rewards),
     )
 
-    all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]
-    if config.early_stopping_patience is not None:
-        all_callbacks += [EarlyStoppingCallback(config.early_stopping_patience), SaveBestCallback()]
-    if config.tensorboard and main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from transformers.integrations import TensorBoardCallback
-        except ImportError:
-            raise TrainConfigError("tensorboard=True needs the tensorboard package") from None
-        all_callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))))
     trainer = FlowerTrainer(
         model=model,
         args=args,
@@ -382,7 +361,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         eval_dataset=valid,
         data_collator=RecommendationCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=all_callbacks,
+        callbacks=_callbacks(config, run_dir, main, callbacks),
         objective=objective,
         eval_probabilities=valid_probabilities,
     )
@@ -398,3 +377,41 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
             tokenizer.save_pretrained(staging)
     trainer.accelerator.wait_for_everyone()
     return run_dir
+
+
+def _encoded_splits(
+    config: TrainConfig, dataset: Dataset, tokenizer, catalog: Catalog
+) -> tuple[list, SampleSet | None]:
+    """The training samples as token ids, and the validation set where ``eval_steps`` asks for
+    one; a prompt that no cutoff can fit is a configuration error."""
+    try:
+        encoded = encode_samples(
+            dataset, "train", tokenizer, catalog, config.domain, config.max_prompt_tokens
+        )
+        valid = None
+        if config.eval_steps is not None:
+            valid = SampleSet(encode_samples(
+                dataset, "valid", tokenizer, catalog, config.domain, config.max_prompt_tokens,
+                config.valid_limit,
+            ))
+    except PromptCutoffError as error:
+        raise TrainConfigError(f"max_prompt_tokens: {error}") from None
+    return encoded, valid
+
+
+def _callbacks(
+    config: TrainConfig, run_dir: Path, main: bool, callbacks: Sequence[Any]
+) -> list[Any]:
+    """The metrics file, early stopping with the best checkpoint kept, and TensorBoard (on the
+    main process), where the configuration asks for them, before the caller's ``callbacks``."""
+    all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]
+    if config.early_stopping_patience is not None:
+        all_callbacks += [EarlyStoppingCallback(config.early_stopping_patience), SaveBestCallback()]
+    if config.tensorboard and main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:
+            raise TrainConfigError("tensorboard=True needs the tensorboard package") from None
+        all_callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))))
+    return all_callbacks
