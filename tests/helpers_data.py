@@ -10,10 +10,11 @@ import random
 from collections.abc import Sequence
 
 import torch
-from flower_ext import Trie
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
+from flower_ext import Trie
+from flower_rec.data import Dataset, Sample
 from flower_rec.prompts import build_prompt, response_text
 
 
@@ -122,3 +123,18 @@ def train_bpe(titles: list[str], *, pre_tokenize: bool = True, vocab_size: int =
     ]
     tokenizer.train_from_iterator(corpus, trainer)
     return tokenizer
+
+
+def tiny_dataset() -> Dataset:
+    """Items 0..5; items 4 and 5 share a title. Two users; u1's sequence starts in train."""
+    titles = ["Alpha - PS4", "Beta", 'Gamma: "Deluxe"', "Delta's", "Twin", "Twin"]
+    train = [
+        Sample((0,), 1, "u1", 100, 5.0, (90,), (4.0,)),
+        Sample((0, 1), 2, "u1", 110, 3.0, (90, 100), (4.0, 5.0)),
+        Sample((3,), 4, "u2", 120, 4.0, (95,), (2.0,)),
+        Sample((0, 1, 2), 5, "u1", 130, 1.0, (90, 100, 110), (4.0, 5.0, 3.0)),
+    ]
+    valid = [Sample((3, 4), 0, "u2", 140, 5.0, (95, 120), (2.0, 4.0))]
+    test = [Sample((3, 4, 0), 1, "u2", 150, 5.0, (95, 120, 140), (2.0, 4.0, 5.0))]
+    keys = ["A1", "B2", "C3", "D4", "E5", "F6"]
+    return Dataset("tiny", titles, train, valid, test, item_keys=keys)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_data import tiny
 
 from flower_rec.data import save_dataset
 from flower_rec.stats import dataset_stats, format_stats
+from helpers_data import tiny_dataset
 from paths import SHARED
 
 VIDEO_GAMES = (
@@ -17,7 +17,7 @@ VIDEO_GAMES = (
 
 
 def test_stats_of_a_small_dataset(tmp_path):
-    d = tiny()
+    d = tiny_dataset()
     stats = dataset_stats(d)
     assert json.loads(json.dumps(stats)) == stats  # JSON-serialisable as it is
     assert (
@@ -71,14 +71,14 @@ def test_stats_of_a_small_dataset(tmp_path):
 
 
 def test_interaction_counts_and_group_number():
-    stats = dataset_stats(tiny(), counts="interactions", num_groups=2)
+    stats = dataset_stats(tiny_dataset(), counts="interactions", num_groups=2)
     pop = stats["popularity"]
     assert (pop["counts"], pop["titles_counted"], pop["total"]) == ("interactions", 5, 6)
     assert stats["groups"]["sizes"] == [3, 2]
     assert stats["groups"]["GH"] == pytest.approx([4 / 6, 2 / 6])  # Twin 2, Alpha 1, Beta 1 | ...
     assert stats["splits"]["train"]["targets_outside_groups"] == 0.0
     with pytest.raises(ValueError, match="unknown popularity mode"):
-        dataset_stats(tiny(), counts="views")
+        dataset_stats(tiny_dataset(), counts="views")
 
 
 def test_stats_of_video_games():

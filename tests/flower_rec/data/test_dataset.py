@@ -29,6 +29,7 @@ from flower_rec.data import (
     save_dataset,
 )
 from flower_rec.metrics import group_shares
+from helpers_data import tiny_dataset
 from paths import SHARED
 
 OFFICIAL = SHARED / "data" / "flower_official"
@@ -50,23 +51,8 @@ def _skip_without(dataset: str) -> Path:
 # A small hand-made dataset
 
 
-def tiny() -> Dataset:
-    """Items 0..5; items 4 and 5 share a title. Two users; u1's sequence starts in train."""
-    titles = ["Alpha - PS4", "Beta", 'Gamma: "Deluxe"', "Delta's", "Twin", "Twin"]
-    train = [
-        Sample((0,), 1, "u1", 100, 5.0, (90,), (4.0,)),
-        Sample((0, 1), 2, "u1", 110, 3.0, (90, 100), (4.0, 5.0)),
-        Sample((3,), 4, "u2", 120, 4.0, (95,), (2.0,)),
-        Sample((0, 1, 2), 5, "u1", 130, 1.0, (90, 100, 110), (4.0, 5.0, 3.0)),
-    ]
-    valid = [Sample((3, 4), 0, "u2", 140, 5.0, (95, 120), (2.0, 4.0))]
-    test = [Sample((3, 4, 0), 1, "u2", 150, 5.0, (95, 120, 140), (2.0, 4.0, 5.0))]
-    keys = ["A1", "B2", "C3", "D4", "E5", "F6"]
-    return Dataset("tiny", titles, train, valid, test, item_keys=keys)
-
-
 def test_title_items_is_one_to_many():
-    d = tiny()
+    d = tiny_dataset()
     assert d.title_items() == {
         "Alpha - PS4": [0],
         "Beta": [1],
@@ -81,7 +67,7 @@ def test_title_items_is_one_to_many():
 
 
 def test_save_load_round_trip(tmp_path):
-    d = tiny()
+    d = tiny_dataset()
     root = save_dataset(d, tmp_path / "out")
     assert load_dataset(root) == Dataset(
         "out", d.titles, d.train, d.valid, d.test, item_keys=d.item_keys
@@ -118,7 +104,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_unknown_fields_stay_unknown(tmp_path):
-    d = tiny()
+    d = tiny_dataset()
     bare = [Sample(s.history, s.target) for s in d.train]
     partial = Dataset(
         "p", d.titles, bare, d.valid, d.test, item_keys=[None, "B2", None, None, "E5", None]
@@ -131,8 +117,8 @@ def test_unknown_fields_stay_unknown(tmp_path):
 
 
 def test_save_refuses_a_second_catalog(tmp_path):
-    save_dataset(tiny(), tmp_path)
-    other = tiny()
+    save_dataset(tiny_dataset(), tmp_path)
+    other = tiny_dataset()
     other.name = "other"
     with pytest.raises(DatasetError, match=r"tiny\.txt: another \.txt file is already there"):
         save_dataset(other, tmp_path)
@@ -152,7 +138,7 @@ def test_save_refuses_a_second_catalog(tmp_path):
     ],
 )
 def test_save_validates(tmp_path, change, problem):
-    d = tiny()
+    d = tiny_dataset()
     change(d)
     with pytest.raises(DatasetError, match=problem):
         save_dataset(d, tmp_path)
@@ -164,7 +150,7 @@ def test_save_validates(tmp_path, change, problem):
 
 
 def test_popularity_counts_history_and_interactions():
-    d = tiny()
+    d = tiny_dataset()
     # history mode: occurrences in the training histories, in first-occurrence order
     history = popularity_counts(d)
     assert list(history.items()) == [
@@ -205,7 +191,7 @@ def test_groups_split_like_array_split_with_stable_ties():
 
 
 def test_group_item_ids_lists_every_id_of_a_title():
-    d = tiny()
+    d = tiny_dataset()
     assert group_item_ids(d, [["Twin", "Beta"], ["Nope"]]) == [[4, 5, 1], []]
 
 
@@ -215,7 +201,7 @@ def test_group_item_ids_lists_every_id_of_a_title():
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    return save_dataset(tiny(), tmp_path / "d")
+    return save_dataset(tiny_dataset(), tmp_path / "d")
 
 
 def _read(path: Path) -> str:
