@@ -1,0 +1,204 @@
+"""Per-call cost of ``mask_logits_`` and ``advance`` inside a rollout, beside the same calls in a
+tight loop.
+
+A rollout (:func:`flower_rec.loop.rollout`) calls each op once per decoding step, between a
+model forward and the sampling, so a call meets caches that the model's work has just filled
+and, on CUDA, a stream still busy with the forward, which a status check that synchronised would
+wait for (hence :func:`flower_ext.ops.deferred_checks`, which the rollout opens on CUDA). Target
+(issue 11): a call inside the rollout costs at most 1.5x what it costs in a tight loop.
+
+Set-up of ``bench_training_step.build_setup``: the default synthetic dataset, the tiny default
+model, batches of 16 training prompts, and the loss trie (every item's tokens, then EOS). Per
+batch: one rollout with both ops timed call by call (wall time on the host, what the loop
+waits) and their arguments kept; then the same calls replayed in a tight loop, each repeated
+``--repeats`` times back to back and timed the same way, the median of its repeats (the logits
+are masked again in place: masking is idempotent, so every repeat does the same work). Rollouts
+and replays alternate, so a slow spell of the machine hits both. Per op and batch the ratio is
+the rollout's total time in the op over the tight loop's for the same calls; the report gives
+the median over the batches of the per-call means and of the ratios.
+
+Usage::
+
+    python benchmarks/bench_rollout_calls.py [--batches 20] [--repeats 20] [--threads 1]
+        [--device cpu] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import bench_training_step as training_step_bench
+from flower_ext import Trie
+from flower_rec.decoding.runner import status_checks
+from flower_rec.loop import rollout
+
+OPS = ("mask_logits_", "advance")
+TARGET = 1.5
+WARMUP_BATCHES = 2
+
+
+class CallRecorder:
+    """While active, times every call of the :class:`flower_ext.Trie` methods in :data:`OPS` and
+    keeps a copy of its arguments, taken after the call (outside the timed part), for the
+    replay."""
+
+    def __init__(self):
+        self.calls: dict[str, list[tuple[object, tuple, dict, float]]] = {op: [] for op in OPS}
+
+    def _recorded(self, op: str, method):
+        def call(trie, *args, **kwargs):
+            start = time.perf_counter()
+            result = method(trie, *args, **kwargs)
+            seconds = time.perf_counter() - start
+            copies = tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args)
+            self.calls[op].append((trie, copies, kwargs, seconds))
+            return result
+
+        return call
+
+    @contextmanager
+    def active(self):
+        originals = {op: getattr(Trie, op) for op in OPS}
+        try:
+            for op, method in originals.items():
+                setattr(Trie, op, self._recorded(op, method))
+            yield self
+        finally:
+            for op, method in originals.items():
+                setattr(Trie, op, method)
+
+
+def tight_loop_seconds(op: str, calls, repeats: int, device: torch.device) -> list[float]:
+    """Each recorded call of ``op`` repeated back to back: the median wall time of its repeats."""
+    method = getattr(Trie, op)
+    medians = []
+    with status_checks(device):
+        for trie, args, kwargs, _ in calls:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                method(trie, *args, **kwargs)
+                times.append(time.perf_counter() - start)
+            medians.append(statistics.median(times))
+    return medians
+
+
+def run_benchmark(batches: int, repeats: int, device: torch.device) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_rollout_calls_") as folder:
+        setup = training_step_bench.build_setup(Path(folder))
+    eos = setup.tokenizer.eos_token_id
+    trie = Trie.from_sequences([s + [eos] for s in setup.catalog.item_tokens.sequences]).to(device)
+    model = setup.model.to(device)
+    per_call_us = {op: {"rollout": [], "tight_loop": []} for op in OPS}
+    ratios: dict[str, list[float]] = {op: [] for op in OPS}
+    calls_per_rollout: dict[str, list[int]] = {op: [] for op in OPS}
+    all_batches = training_step_bench.make_batches(setup, WARMUP_BATCHES + batches)
+    for index, batch in enumerate(all_batches):
+        recorder = CallRecorder()
+        generator = torch.Generator(device).manual_seed(index)
+        with recorder.active():
+            rollout(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    trie, eos, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        for op in OPS:
+            calls = recorder.calls[op]
+            tight = tight_loop_seconds(op, calls, repeats, device)
+            if index < WARMUP_BATCHES:
+                continue
+            in_rollout = [seconds for *_, seconds in calls]
+            per_call_us[op]["rollout"].append(1e6 * statistics.mean(in_rollout))
+            per_call_us[op]["tight_loop"].append(1e6 * statistics.mean(tight))
+            ratios[op].append(sum(in_rollout) / sum(tight))
+            calls_per_rollout[op].append(len(calls))
+    return {
+        "setup": {
+            "dataset": "synthetic (prepare_synthetic, seed 0)",
+            "items": setup.dataset.num_items,
+            "trie_nodes": trie.num_nodes,
+            "vocab": len(setup.tokenizer),
+            "batch_size": training_step_bench.BATCH_SIZE,
+            "batches": batches,
+            "warmup_batches": WARMUP_BATCHES,
+            "repeats": repeats,
+        },
+        "machine": {
+            "cpu": training_step_bench._cpu_name(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "load_average_at_start": training_step_bench.LOAD_AT_START,
+        },
+        "ops": {
+            op: {
+                "calls_per_rollout": statistics.median(calls_per_rollout[op]),
+                "rollout_us": statistics.median(per_call_us[op]["rollout"]),
+                "tight_loop_us": statistics.median(per_call_us[op]["tight_loop"]),
+                "ratio": statistics.median(ratios[op]),
+                "ratio_min": min(ratios[op]),
+                "ratio_max": max(ratios[op]),
+            }
+            for op in OPS
+        },
+        "target": TARGET,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| op | calls per rollout | µs per call in the rollout | µs per call in a tight loop "
+        "| rollout / tight loop (min-max over batches) | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for op, row in result["ops"].items():
+        lines.append(
+            f"| {op} | {row['calls_per_rollout']:g} | {row['rollout_us']:.1f} "
+            f"| {row['tight_loop_us']:.1f} | {row['ratio']:.2f}x ({row['ratio_min']:.2f}-"
+            f"{row['ratio_max']:.2f}) | <= {TARGET:g}x | {'yes' if row['ratio'] <= TARGET else 'NO'} |"
+        )
+    machine, setup = result["machine"], result["setup"]
+    header = (
+        f"{machine['device']} ({machine['cpu']}, {machine['cores']} cores), torch "
+        f"{machine['torch']} with {machine['threads']} thread(s), load average "
+        f"{machine['load_average_at_start']:.2f} at the start; tiny model, vocabulary "
+        f"{setup['vocab']}, {setup['trie_nodes']} trie nodes, batch {setup['batch_size']}; "
+        f"median over {setup['batches']} rollouts, each call replayed {setup['repeats']} times."
+    )
+    return f"{header}\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20, help="timed rollouts (20)")
+    parser.add_argument("--repeats", type=int, default=20, help="tight-loop runs of each call")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    arguments = parser.parse_args(argv)
+    if arguments.batches < 1 or arguments.repeats < 1:
+        parser.error("--batches and --repeats must be positive")
+    torch.set_num_threads(arguments.threads)
+    torch.manual_seed(training_step_bench.SEED)
+    result = run_benchmark(arguments.batches, arguments.repeats, torch.device(arguments.device))
+    result["command"] = "python benchmarks/bench_rollout_calls.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    print(table(result))
+    if arguments.json is not None:
+        arguments.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
