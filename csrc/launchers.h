@@ -26,7 +26,7 @@
                      int64_t vocab_size, Address bitmask, Address status, Address exec);          \
   void apply_token_bitmask(int32_t element_bytes, uint64_t negative_infinity_bits,                \
                            Address logits, int64_t row_stride, int64_t batch, int64_t vocab_size, \
-                           Address bitmask, int64_t words, Address exec);                         \
+                           Address bitmask, Address exec);                                        \
   void child_counts(const TrieView& trie, int32_t node_bytes, Address nodes, int64_t count,       \
                     Address counts, Address status, Address exec);                                \
   void children(const TrieView& trie, int32_t node_bytes, Address nodes, int64_t count,           \

@@ -541,7 +541,7 @@ def _apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> None:
     bitmask = bitmask.contiguous()
     _launch("apply_token_bitmask", logits.device,
         logits.element_size(), _negative_infinity_bits(logits.dtype), logits.data_ptr(),
-        logits.stride(0), logits.shape[0], logits.shape[1], bitmask.data_ptr(), bitmask.shape[1],
+        logits.stride(0), logits.shape[0], logits.shape[1], bitmask.data_ptr(),
     )
 
 

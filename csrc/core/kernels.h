@@ -30,15 +30,6 @@ FLOWER_HD void atomic_or(uint32_t* word, uint32_t bits) {
 #endif
 }
 
-// Index of the lowest set bit of a non-zero word.
-FLOWER_HD int lowest_bit(uint32_t word) {
-#if defined(__CUDA_ARCH__)
-  return __ffs(static_cast<int>(word)) - 1;
-#else
-  return __builtin_ctz(word);
-#endif
-}
-
 FLOWER_HD void report(int32_t* status, int32_t flags) {
   if (flags == kOk) return;
 #if defined(__CUDA_ARCH__)
@@ -293,70 +284,63 @@ FLOWER_HD int32_t advance_one(const TrieView& trie, Index node, Token token, int
 // token bitmask (xgrammar / vLLM layout: bit j of word w is token 32 w + j, 1 = allowed) and
 // in-place logit masking.
 
-FLOWER_HD int32_t child_count(const TrieView& trie, int32_t node, int32_t& status) {
-  if (node < 0) return 0;
-  const IdRange children = children_of(trie, node, status);
-  return children.end - children.begin;
-}
+// Words of a bitmask row: ceil(vocab_size / 32).
+FLOWER_HD int64_t bitmask_words(int64_t vocab_size) { return (vocab_size + 31) / 32; }
 
-// Sets the bit of the k-th child of `node` (0 <= k < child_count) in its row of the bitmask.
-FLOWER_HD int32_t set_child_bit(const TrieView& trie, int32_t node, int32_t k, int64_t vocab_size,
-                                uint32_t* row) {
-  const int32_t token = trie.token[trie.child_ptr[node] + k];
-  // One comparison in the common case: a negative token compares as a huge unsigned one.
-  if (static_cast<uint64_t>(static_cast<int64_t>(token)) >= static_cast<uint64_t>(vocab_size)) {
-    return token < 0 ? kTrieCorrupt : kVocabTooSmall;
+// Sets the bits of the children of the row's node in its bitmask row: children first,
+// first + stride, ..., so that the CPU passes (0, 1) and a CUDA block its threads, which then read
+// the node's contiguous children together. Bits of several threads may share a word, hence
+// atomic_or.
+template <typename Index>
+FLOWER_HD int32_t set_child_bits(const TrieView& trie, Index node, int64_t vocab_size,
+                                 uint32_t* row, int32_t first, int32_t stride) {
+  if (!valid_node_or_none(node, trie.num_nodes)) return kNodeOutOfRange;
+  if (node < 0) return kOk;
+  int32_t status = kOk;
+  const IdRange children = children_of(trie, static_cast<int32_t>(node), status);
+  for (int32_t c = children.begin + first; c < children.end; c += stride) {
+    const int32_t token = trie.token[c];
+    // One comparison in the common case: a negative token compares as a huge unsigned one.
+    if (static_cast<uint64_t>(static_cast<int64_t>(token)) >= static_cast<uint64_t>(vocab_size)) {
+      status |= token < 0 ? kTrieCorrupt : kVocabTooSmall;
+      continue;
+    }
+    atomic_or(row + (token >> 5), 1u << (static_cast<uint32_t>(token) & 31u));
   }
-  atomic_or(row + (token >> 5), 1u << (static_cast<uint32_t>(token) & 31u));
-  return kOk;
+  return status;
 }
 
-// Overwrites logits[v] with the -inf bit pattern of its dtype unless bit v is set. Only the
-// element size matters, so float16, bfloat16, float32 and float64 logits share one kernel.
+// Logit v of a row keeps its value where its bit is set in `word` (word v / 32 of the row's
+// bitmask) and gets the -inf bit pattern of its dtype elsewhere. Only the element size matters,
+// so float16, bfloat16, float32 and float64 logits share one kernel. The store is unconditional
+// (an allowed logit is written back unchanged) so that the CPU's loop over a word vectorises;
+// the load happens only for allowed logits, so a GPU reads no more than it did.
 template <typename Bits>
-FLOWER_HD void apply_bitmask_element(Bits* logits_row, const uint32_t* mask_row, int64_t v,
+FLOWER_HD void apply_bitmask_element(Bits* logits_row, uint32_t word, int64_t v,
                                      Bits negative_infinity_bits) {
-  if (((mask_row[v >> 5] >> (v & 31)) & 1u) == 0u) logits_row[v] = negative_infinity_bits;
-}
-
-// The logits of one bitmask word: keep the allowed ones, fill all 32 with -inf, put the kept
-// ones back. Branch-free in the common cases (no bit set, or a root row with many set), so the
-// fill vectorises; each allowed logit ends where apply_bitmask_element would leave it.
-template <typename Bits>
-FLOWER_HD void apply_bitmask_word(Bits* logits_row, const uint32_t* mask_row, int64_t w,
-                                  int64_t vocab_size, Bits negative_infinity_bits) {
-  const int64_t begin = w * 32;
-  const int64_t count = begin + 32 < vocab_size ? 32 : vocab_size - begin;
-  Bits* logits = logits_row + begin;
-  uint32_t word = mask_row[w];
-  if (count < 32) word &= (1u << count) - 1u;
-  Bits kept[32];
-  for (uint32_t bits = word; bits != 0u; bits &= bits - 1u) {
-    kept[lowest_bit(bits)] = logits[lowest_bit(bits)];
-  }
-  for (int64_t j = 0; j < count; ++j) logits[j] = negative_infinity_bits;
-  for (uint32_t bits = word; bits != 0u; bits &= bits - 1u) {
-    logits[lowest_bit(bits)] = kept[lowest_bit(bits)];
-  }
+  logits_row[v] = ((word >> (v & 31)) & 1u) != 0u ? logits_row[v] : negative_infinity_bits;
 }
 
 // ---------------------------------------------------------------------------------------------
 // children of path nodes, as CSR
 
-// The number of children of `node` that child_entry copies out, once their tokens are found to
-// rise from 0 as sorted siblings' do (a corrupted trie's would be copied out unnoticed).
-FLOWER_HD int32_t listed_child_count(const TrieView& trie, int32_t node, int32_t& status) {
-  if (node < 0) return 0;
-  const IdRange children = children_of(trie, node, status);
+// The number of children of `node` that child_entry copies out (none for -1), once their tokens
+// are found to rise from 0 as sorted siblings' do (a corrupted trie's would be copied out
+// unnoticed).
+template <typename Index>
+FLOWER_HD int32_t listed_child_count(const TrieView& trie, Index node, int64_t* count) {
+  *count = 0;
+  if (!valid_node_or_none(node, trie.num_nodes)) return kNodeOutOfRange;
+  if (node < 0) return kOk;
+  int32_t status = kOk;
+  const IdRange children = children_of(trie, static_cast<int32_t>(node), status);
   int64_t previous = -1;
   for (int32_t c = children.begin; c < children.end; ++c) {
-    if (trie.token[c] <= previous) {
-      status |= kTrieCorrupt;
-      return 0;
-    }
+    if (trie.token[c] <= previous) return status | kTrieCorrupt;
     previous = trie.token[c];
   }
-  return children.end - children.begin;
+  *count = children.end - children.begin;
+  return status;
 }
 
 FLOWER_HD void child_entry(const TrieView& trie, int32_t node, int64_t k, int32_t* child_token,

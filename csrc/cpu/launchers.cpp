@@ -121,7 +121,7 @@ void advance(const TrieView& trie, int32_t node_bytes, Address nodes, int32_t to
 
 void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int64_t batch,
                    int64_t vocab_size, Address bitmask, Address status, Address exec) {
-  const int64_t words = (vocab_size + 31) / 32;
+  const int64_t words = bitmask_words(vocab_size);
   dispatch_index(node_bytes, [&](auto zero) {
     using Index = decltype(zero);
     raise_status(status, parallel_for(batch, exec, rows_per_thread(words),
@@ -130,15 +130,7 @@ void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int6
       for (int64_t b = begin; b < end; ++b) {
         uint32_t* row = at<uint32_t>(bitmask) + b * words;
         std::fill(row, row + words, 0u);
-        const Index node = at<const Index>(nodes)[b];
-        if (!valid_node_or_none(node, trie.num_nodes)) {
-          flags |= kNodeOutOfRange;
-          continue;
-        }
-        const int32_t count = child_count(trie, static_cast<int32_t>(node), flags);
-        for (int32_t k = 0; k < count; ++k) {
-          flags |= set_child_bit(trie, static_cast<int32_t>(node), k, vocab_size, row);
-        }
+        flags |= set_child_bits(trie, at<const Index>(nodes)[b], vocab_size, row, 0, 1);
       }
       return flags;
     }));
@@ -147,7 +139,8 @@ void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int6
 
 void apply_token_bitmask(int32_t element_bytes, uint64_t negative_infinity_bits, Address logits,
                          int64_t row_stride, int64_t batch, int64_t vocab_size, Address bitmask,
-                         int64_t words, Address exec) {
+                         Address exec) {
+  const int64_t words = bitmask_words(vocab_size);
   dispatch_bits(element_bytes, [&](auto zero) {
     using Bits = decltype(zero);
     const Bits fill = static_cast<Bits>(negative_infinity_bits);
@@ -155,7 +148,19 @@ void apply_token_bitmask(int32_t element_bytes, uint64_t negative_infinity_bits,
       for (int64_t b = begin; b < end; ++b) {
         Bits* row = at<Bits>(logits) + b * row_stride;
         const uint32_t* mask_row = at<const uint32_t>(bitmask) + b * words;
-        for (int64_t w = 0; w < words; ++w) apply_bitmask_word(row, mask_row, w, vocab_size, fill);
+        const auto apply_word = [&](uint32_t word, int64_t first, int64_t last) {
+          for (int64_t v = first; v < last; ++v) apply_bitmask_element(row, word, v, fill);
+        };
+        for (int64_t w = 0; w < words; ++w) {
+          // Most words allow no token: with the word a constant 0 the element kernel compiles
+          // to a vectorised fill.
+          const int64_t first = 32 * w, last = std::min(vocab_size, first + 32);
+          if (mask_row[w] == 0u) {
+            apply_word(0u, first, last);
+          } else {
+            apply_word(mask_row[w], first, last);
+          }
+        }
       }
       return int32_t{kOk};
     });
@@ -169,10 +174,7 @@ void child_counts(const TrieView& trie, int32_t node_bytes, Address nodes, int64
     raise_status(status, parallel_for(count, exec, kGrain, [&](int64_t begin, int64_t end) {
       int32_t flags = kOk;
       for (int64_t k = begin; k < end; ++k) {
-        const Index node = at<const Index>(nodes)[k];
-        const bool valid = valid_node_or_none(node, trie.num_nodes);
-        if (!valid) flags |= kNodeOutOfRange;
-        at<int64_t>(counts)[k] = valid ? listed_child_count(trie, static_cast<int32_t>(node), flags) : 0;
+        flags |= listed_child_count(trie, at<const Index>(nodes)[k], at<int64_t>(counts) + k);
       }
       return flags;
     }));

@@ -121,35 +121,27 @@ __global__ void zero_words(uint32_t* words, int64_t count) {
 }
 
 // One block per row: a node's children are contiguous, so the threads of the block read them
-// together, and their bits may share a word, which set_child_bit sets atomically.
+// together (set_child_bits).
 template <typename Index>
-__global__ void set_child_bits(TrieView trie, const Index* nodes, int64_t batch,
-                               int64_t vocab_size, int64_t words, uint32_t* bitmask,
-                               int32_t* status) {
+__global__ void token_bitmask_rows(TrieView trie, const Index* nodes, int64_t batch,
+                                   int64_t vocab_size, uint32_t* bitmask, int32_t* status) {
+  const int64_t words = bitmask_words(vocab_size);
   int32_t flags = kOk;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
-    const Index node = nodes[b];
-    if (!valid_node_or_none(node, trie.num_nodes)) {
-      if (threadIdx.x == 0) flags |= kNodeOutOfRange;
-      continue;
-    }
-    const int32_t count = child_count(trie, static_cast<int32_t>(node), flags);
-    for (int32_t k = static_cast<int32_t>(threadIdx.x); k < count;
-         k += static_cast<int32_t>(blockDim.x)) {
-      flags |= set_child_bit(trie, static_cast<int32_t>(node), k, vocab_size, bitmask + b * words);
-    }
+    flags |= set_child_bits(trie, nodes[b], vocab_size, bitmask + b * words,
+                            static_cast<int32_t>(threadIdx.x), static_cast<int32_t>(blockDim.x));
   }
   report(status, flags);
 }
 
 template <typename Bits>
 __global__ void apply_bitmask_elements(Bits* logits, int64_t row_stride, int64_t batch,
-                                       int64_t vocab_size, const uint32_t* bitmask, int64_t words,
-                                       Bits fill) {
+                                       int64_t vocab_size, const uint32_t* bitmask, Bits fill) {
+  const int64_t words = bitmask_words(vocab_size);
   const int64_t count = batch * vocab_size;
   for (int64_t i = first_index(); i < count; i += index_stride()) {
-    const int64_t b = i / vocab_size;
-    apply_bitmask_element(logits + b * row_stride, bitmask + b * words, i % vocab_size, fill);
+    const int64_t b = i / vocab_size, v = i % vocab_size;
+    apply_bitmask_element(logits + b * row_stride, bitmask[b * words + v / 32], v, fill);
   }
 }
 
@@ -158,10 +150,7 @@ __global__ void child_count_elements(TrieView trie, const Index* nodes, int64_t 
                                      int64_t* counts, int32_t* status) {
   int32_t flags = kOk;
   for (int64_t k = first_index(); k < count; k += index_stride()) {
-    const Index node = nodes[k];
-    const bool valid = valid_node_or_none(node, trie.num_nodes);
-    if (!valid) flags |= kNodeOutOfRange;
-    counts[k] = valid ? listed_child_count(trie, static_cast<int32_t>(node), flags) : 0;
+    flags |= listed_child_count(trie, nodes[k], counts + k);
   }
   report(status, flags);
 }
@@ -368,7 +357,7 @@ void advance(const TrieView& trie, int32_t node_bytes, Address nodes, int32_t to
 // mask (coalesced across rows) that the stream orders before the bits.
 void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int64_t batch,
                    int64_t vocab_size, Address bitmask, Address status, Address exec) {
-  const int64_t words = (vocab_size + 31) / 32;
+  const int64_t words = bitmask_words(vocab_size);
   dispatch_index(node_bytes, [&](auto zero) {
     using Index = decltype(zero);
     if (batch == 0) return;
@@ -378,8 +367,8 @@ void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int6
       check_launch("token_bitmask");
     }
     const dim3 grid(1, static_cast<unsigned>(std::min(batch, kMaxRowBlocks)));
-    set_child_bits<Index><<<grid, kThreads, 0, stream_of(exec)>>>(
-        trie, at<const Index>(nodes), batch, vocab_size, words, at<uint32_t>(bitmask),
+    token_bitmask_rows<Index><<<grid, kThreads, 0, stream_of(exec)>>>(
+        trie, at<const Index>(nodes), batch, vocab_size, at<uint32_t>(bitmask),
         at<int32_t>(status));
     check_launch("token_bitmask");
   });
@@ -387,13 +376,13 @@ void token_bitmask(const TrieView& trie, int32_t node_bytes, Address nodes, int6
 
 void apply_token_bitmask(int32_t element_bytes, uint64_t negative_infinity_bits, Address logits,
                          int64_t row_stride, int64_t batch, int64_t vocab_size, Address bitmask,
-                         int64_t words, Address exec) {
+                         Address exec) {
   dispatch_bits(element_bytes, [&](auto zero) {
     using Bits = decltype(zero);
     const int64_t count = batch * vocab_size;
     if (count == 0) return;
     apply_bitmask_elements<Bits><<<blocks_for(count), kThreads, 0, stream_of(exec)>>>(
-        at<Bits>(logits), row_stride, batch, vocab_size, at<const uint32_t>(bitmask), words,
+        at<Bits>(logits), row_stride, batch, vocab_size, at<const uint32_t>(bitmask),
         static_cast<Bits>(negative_infinity_bits));
     check_launch("apply_token_bitmask_");
   });
