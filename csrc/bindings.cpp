@@ -12,20 +12,25 @@ namespace py = pybind11;
 // Owned results (the trie arrays) are handed to numpy through the buffer protocol, without a copy.
 PYBIND11_MAKE_OPAQUE(std::vector<int32_t>)
 
-#define FLOWER_BIND_LAUNCHERS(device)                                                       \
-  m.def("log_flows_" #device, &flower::device::log_flows, release);                          \
-  m.def("log_flows_backward_" #device, &flower::device::log_flows_backward, release);        \
-  m.def("walk_" #device, &flower::device::walk, release);                                    \
-  m.def("advance_" #device, &flower::device::advance, release);                              \
-  m.def("token_bitmask_" #device, &flower::device::token_bitmask, release);                  \
-  m.def("apply_token_bitmask_" #device, &flower::device::apply_token_bitmask, release);      \
-  m.def("child_counts_" #device, &flower::device::child_counts, release);                    \
-  m.def("children_" #device, &flower::device::children, release);                            \
-  m.def("transition_log_probs_" #device, &flower::device::transition_log_probs, release);    \
-  m.def("guide_logits_" #device, &flower::device::guide_logits, release);                    \
-  m.def("path_sums_" #device, &flower::device::path_sums, release);                          \
-  m.def("subtree_sums_" #device, &flower::device::subtree_sums, release);                    \
-  m.def("preorder_" #device, &flower::device::preorder, release);
+// The launchers of one device as the submodule flower_ext._C.<device> (_C.cpu.log_flows, ...),
+// so that flower_ext/ops.py names the device of every call it makes.
+#define FLOWER_BIND_LAUNCHERS(device)                                                         \
+  {                                                                                            \
+    py::module_ launchers = m.def_submodule(#device, "the " #device " launchers");            \
+    launchers.def("log_flows", &flower::device::log_flows, release);                          \
+    launchers.def("log_flows_backward", &flower::device::log_flows_backward, release);        \
+    launchers.def("walk", &flower::device::walk, release);                                    \
+    launchers.def("advance", &flower::device::advance, release);                              \
+    launchers.def("token_bitmask", &flower::device::token_bitmask, release);                  \
+    launchers.def("apply_token_bitmask", &flower::device::apply_token_bitmask, release);      \
+    launchers.def("child_counts", &flower::device::child_counts, release);                    \
+    launchers.def("children", &flower::device::children, release);                           \
+    launchers.def("transition_log_probs", &flower::device::transition_log_probs, release);    \
+    launchers.def("guide_logits", &flower::device::guide_logits, release);                    \
+    launchers.def("path_sums", &flower::device::path_sums, release);                          \
+    launchers.def("subtree_sums", &flower::device::subtree_sums, release);                    \
+    launchers.def("preorder", &flower::device::preorder, release);                            \
+  }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flower_ext compiled core: trie layout and the launchers of the trie ops";

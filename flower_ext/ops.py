@@ -13,6 +13,7 @@ A trie enters every op as two arguments: ``trie_data``, one int32 tensor holding
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -79,22 +80,39 @@ def _trie_view(trie_data: Tensor, layout: list[int]):
     return _C.make_trie_view(trie_data.data_ptr(), num_nodes, num_items)
 
 
-def _launch(name: str, device: torch.device, *args) -> None:
-    """Runs launcher ``name`` of ``device``'s kind, passing the execution argument last: the
-    thread count on the CPU, the current stream on CUDA (with ``device`` made current, so that
-    tensors on any GPU run on their own GPU)."""
-    if device.type == "cpu":
-        getattr(_C, f"{name}_cpu")(*args, torch.get_num_threads())
-        return
-    if device.type != "cuda":
-        raise ValueError(f"flower_ext ops run on CPU and CUDA tensors, not on {device.type}")
-    if not _C.has_cuda:
-        raise RuntimeError(
+def _kernels(op):
+    """Registers ``kernel(launchers, *args)`` as ``op``'s CPU kernel with the CPU launchers
+    (``_C.cpu``) and, in a build with the CUDA kernels, as its CUDA kernel with ``_C.cuda``.
+    On any other device the op runs its own function, which raises :func:`_no_kernel`."""
+
+    def register(kernel):
+        op.register_kernel("cpu", functools.partial(kernel, _C.cpu))
+        if _C.has_cuda:
+            op.register_kernel("cuda", functools.partial(kernel, _C.cuda))
+        return kernel
+
+    return register
+
+
+def _no_kernel(device: torch.device) -> Exception:
+    """The error of an op called with tensors on ``device``, for which it has no kernel."""
+    if device.type == "cuda":
+        return RuntimeError(
             "flower_ext was built without CUDA kernels (no CUDA compiler was found at build time, "
             "or FLOWER_EXT_CUDA=OFF); reinstall it where nvcc is available to use CUDA tensors"
         )
+    return ValueError(f"flower_ext ops run on CPU and CUDA tensors, not on {device.type}")
+
+
+def _run(launcher, device: torch.device, *args) -> None:
+    """Runs ``launcher`` (of ``_C.cpu`` or ``_C.cuda``, as ``device`` is) with the execution
+    argument last: the thread count on the CPU, the current stream on CUDA (with ``device`` made
+    current, so that tensors on any GPU run on their own GPU)."""
+    if device.type == "cpu":
+        launcher(*args, torch.get_num_threads())
+        return
     with torch.cuda.device(device):
-        getattr(_C, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
+        launcher(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
 def _new_status(device: torch.device) -> Tensor:
@@ -227,15 +245,20 @@ def _flows_shape(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> t
     return (*log_rewards.shape[:-1], trie_sizes(layout)[0])
 
 
-@torch.library.custom_op("flower_ext::log_flows", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("flower_ext::log_flows", mutates_args=())
 def log_flows(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> Tensor:
     """Log-flow of every node: ``[I]`` or ``[B, I]`` item log-rewards -> ``[N]`` or ``[B, N]``."""
+    raise _no_kernel(log_rewards.device)
+
+
+@_kernels(log_flows)
+def _(launchers, trie_data, layout, log_rewards):
     _check_log_flows(trie_data, layout, log_rewards)
     rewards = log_rewards.contiguous()
     flows = rewards.new_empty(_flows_shape(trie_data, layout, rewards))
     status = _new_status(rewards.device)
     batch = rewards.numel() // rewards.shape[-1]
-    _launch("log_flows", rewards.device,
+    _run(launchers.log_flows, rewards.device,
         _trie_view(trie_data, layout), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
         flows.data_ptr(), batch, _level_ptr(layout), status.data_ptr(),
     )
@@ -249,13 +272,16 @@ def _(trie_data, layout, log_rewards):
     return log_rewards.new_empty(_flows_shape(trie_data, layout, log_rewards))
 
 
-@torch.library.custom_op(
-    "flower_ext::log_flows_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
+@torch.library.custom_op("flower_ext::log_flows_backward", mutates_args=())
 def log_flows_backward(
     trie_data: Tensor, layout: list[int], log_rewards: Tensor, flows: Tensor, grad_flows: Tensor
 ) -> Tensor:
     """Gradient of :func:`log_flows` with respect to the log-rewards (a top-down pass)."""
+    raise _no_kernel(log_rewards.device)
+
+
+@_kernels(log_flows_backward)
+def _(launchers, trie_data, layout, log_rewards, flows, grad_flows):
     _check_log_flows_backward(trie_data, layout, log_rewards, flows, grad_flows)
     rewards, flows, grad_flows = (t.contiguous() for t in (log_rewards, flows, grad_flows))
     # Zeros, not empty: the kernel writes the gradient of every item that the trie lists, which
@@ -264,7 +290,7 @@ def log_flows_backward(
     adjoint = torch.empty_like(flows)
     batch = rewards.numel() // rewards.shape[-1]
     status = _new_status(rewards.device)
-    _launch("log_flows_backward", rewards.device,
+    _run(launchers.log_flows_backward, rewards.device,
         _trie_view(trie_data, layout), _REAL_CODES[rewards.dtype], rewards.data_ptr(),
         flows.data_ptr(), grad_flows.data_ptr(), adjoint.data_ptr(), grad_rewards.data_ptr(),
         batch, _level_ptr(layout), status.data_ptr(),
@@ -331,16 +357,21 @@ def _check_walk(trie_data, layout, tokens, lengths) -> None:
         )
 
 
-@torch.library.custom_op("flower_ext::walk", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("flower_ext::walk", mutates_args=())
 def walk(trie_data: Tensor, layout: list[int], tokens: Tensor, lengths: Tensor | None) -> Tensor:
     """Node ids along each token path, ``[B, L]`` int32: ``out[b, t]`` is the node reached after
     ``tokens[b, :t + 1]``; -1 once a token leaves the trie and at positions ``t >= lengths[b]``."""
+    raise _no_kernel(tokens.device)
+
+
+@_kernels(walk)
+def _(launchers, trie_data, layout, tokens, lengths):
     _check_walk(trie_data, layout, tokens, lengths)
     tokens = tokens.contiguous()
     nodes = torch.empty(tokens.shape, dtype=torch.int32, device=tokens.device)
     row_lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
     status = _new_status(tokens.device)
-    _launch("walk", tokens.device,
+    _run(launchers.walk, tokens.device,
         _trie_view(trie_data, layout), tokens.element_size(), tokens.data_ptr(),
         0 if row_lengths is None else row_lengths.data_ptr(), tokens.shape[0], tokens.shape[1],
         nodes.data_ptr(), status.data_ptr(),
@@ -368,15 +399,20 @@ def _check_advance(trie_data, layout, node_ids, tokens) -> None:
     )
 
 
-@torch.library.custom_op("flower_ext::advance", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("flower_ext::advance", mutates_args=())
 def advance(trie_data: Tensor, layout: list[int], node_ids: Tensor, tokens: Tensor) -> Tensor:
     """The child of each node reached by each token (int32, same shape); -1 where there is none
     or where the node id is already -1."""
+    raise _no_kernel(node_ids.device)
+
+
+@_kernels(advance)
+def _(launchers, trie_data, layout, node_ids, tokens):
     _check_advance(trie_data, layout, node_ids, tokens)
     node_ids, tokens = node_ids.contiguous(), tokens.contiguous()
     next_nodes = torch.empty(node_ids.shape, dtype=torch.int32, device=node_ids.device)
     status = _new_status(node_ids.device)
-    _launch("advance", node_ids.device,
+    _run(launchers.advance, node_ids.device,
         _trie_view(trie_data, layout), node_ids.element_size(), node_ids.data_ptr(),
         tokens.element_size(), tokens.data_ptr(), node_ids.numel(), next_nodes.data_ptr(),
         status.data_ptr(),
@@ -422,7 +458,7 @@ def _check_token_bitmask(trie_data, layout, node_ids, vocab_size, finished_token
     _check_finished_token(op, finished_token, vocab_size)
 
 
-@torch.library.custom_op("flower_ext::token_bitmask", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("flower_ext::token_bitmask", mutates_args=())
 def token_bitmask(
     trie_data: Tensor,
     layout: list[int],
@@ -435,17 +471,24 @@ def token_bitmask(
     (its node has no children: a complete item; or its node id is -1: it left the trie) allows
     ``finished_token`` alone (e.g. EOS or pad, so that the row can end or idle), or nothing when
     it is None."""
+    raise _no_kernel(node_ids.device)
+
+
+@_kernels(token_bitmask)
+def _(launchers, trie_data, layout, node_ids, vocab_size, finished_token=None):
     _check_token_bitmask(trie_data, layout, node_ids, vocab_size, finished_token)
-    return _token_bitmask(trie_data, layout, node_ids.contiguous(), vocab_size, finished_token)
+    return _token_bitmask(
+        launchers, trie_data, layout, node_ids.contiguous(), vocab_size, finished_token
+    )
 
 
 def _token_bitmask(
-    trie_data, layout, node_ids, vocab_size, finished_token, op="token_bitmask"
+    launchers, trie_data, layout, node_ids, vocab_size, finished_token, op="token_bitmask"
 ) -> Tensor:
     words = bitmask_words(vocab_size)
     bitmask = torch.empty((node_ids.shape[0], words), dtype=torch.int32, device=node_ids.device)
     status = _new_status(node_ids.device)
-    _launch("token_bitmask", node_ids.device,
+    _run(launchers.token_bitmask, node_ids.device,
         _trie_view(trie_data, layout), node_ids.element_size(), node_ids.data_ptr(),
         node_ids.shape[0], vocab_size, bitmask.data_ptr(), status.data_ptr(),
     )
@@ -537,21 +580,24 @@ def _negative_infinity_bits(dtype: torch.dtype) -> int:
     return bits % (1 << (8 * size))
 
 
-def _apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> None:
+def _apply_token_bitmask(launchers, logits: Tensor, bitmask: Tensor) -> None:
     bitmask = bitmask.contiguous()
-    _launch("apply_token_bitmask", logits.device,
+    _run(launchers.apply_token_bitmask, logits.device,
         logits.element_size(), _negative_infinity_bits(logits.dtype), logits.data_ptr(),
         logits.stride(0), logits.shape[0], logits.shape[1], bitmask.data_ptr(),
     )
 
 
-@torch.library.custom_op(
-    "flower_ext::apply_token_bitmask_", mutates_args=("logits",), device_types=("cpu", "cuda")
-)
+@torch.library.custom_op("flower_ext::apply_token_bitmask_", mutates_args=("logits",))
 def apply_token_bitmask_(logits: Tensor, bitmask: Tensor) -> None:
     """Sets ``logits[b, v] = -inf`` in place wherever bit v of row b of ``bitmask`` is 0."""
+    raise _no_kernel(logits.device)
+
+
+@_kernels(apply_token_bitmask_)
+def _(launchers, logits, bitmask):
     _check_apply(logits, bitmask)
-    _apply_token_bitmask(logits, bitmask)
+    _apply_token_bitmask(launchers, logits, bitmask)
 
 
 @apply_token_bitmask_.register_fake
@@ -567,9 +613,7 @@ def _check_mask_logits(trie_data, layout, logits, node_ids, finished_token) -> N
     _check_finished_token(op, finished_token, logits.shape[1])
 
 
-@torch.library.custom_op(
-    "flower_ext::mask_logits_", mutates_args=("logits",), device_types=("cpu", "cuda")
-)
+@torch.library.custom_op("flower_ext::mask_logits_", mutates_args=("logits",))
 def mask_logits_(
     trie_data: Tensor,
     layout: list[int],
@@ -580,11 +624,17 @@ def mask_logits_(
     """Sets every logit that is not a child token of the row's node to -inf, in place. A
     finished row (a node without children, or -1) keeps ``finished_token``'s logit alone, or
     none when it is None (the row is all -inf)."""
+    raise _no_kernel(logits.device)
+
+
+@_kernels(mask_logits_)
+def _(launchers, trie_data, layout, logits, node_ids, finished_token=None):
     _check_mask_logits(trie_data, layout, logits, node_ids, finished_token)
     bitmask = _token_bitmask(
-        trie_data, layout, node_ids.contiguous(), logits.shape[1], finished_token, op="mask_logits_"
+        launchers, trie_data, layout, node_ids.contiguous(), logits.shape[1], finished_token,
+        op="mask_logits_",
     )
-    _apply_token_bitmask(logits, bitmask)
+    _apply_token_bitmask(launchers, logits, bitmask)
 
 
 @mask_logits_.register_fake
@@ -596,18 +646,23 @@ def _(trie_data, layout, logits, node_ids, finished_token=None):
 # children of path nodes
 
 
-@torch.library.custom_op("flower_ext::children", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("flower_ext::children", mutates_args=())
 def children(trie_data: Tensor, layout: list[int], node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Children of each node as CSR: ``(row_ptr [M + 1] int64, child_tokens [K] int32,
     child_nodes [K] int32)``; row m's children are entries ``row_ptr[m] .. row_ptr[m + 1] - 1``,
     sorted by token. Node id -1 has no children."""
+    raise _no_kernel(node_ids.device)
+
+
+@_kernels(children)
+def _(launchers, trie_data, layout, node_ids):
     _check_node_rows("children", trie_data, layout, node_ids)
     node_ids = node_ids.contiguous()
     device, count = node_ids.device, node_ids.shape[0]
     view = _trie_view(trie_data, layout)
     counts = torch.empty(count, dtype=torch.int64, device=device)
     status = _new_status(device)
-    _launch("child_counts", device,
+    _run(launchers.child_counts, device,
         view, node_ids.element_size(), node_ids.data_ptr(), count, counts.data_ptr(),
         status.data_ptr(),
     )
@@ -617,7 +672,7 @@ def children(trie_data: Tensor, layout: list[int], node_ids: Tensor) -> tuple[Te
     total = int(row_ptr[-1])
     child_tokens = torch.empty(total, dtype=torch.int32, device=device)
     child_nodes = torch.empty(total, dtype=torch.int32, device=device)
-    _launch("children", device,
+    _run(launchers.children, device,
         view, node_ids.element_size(), node_ids.data_ptr(), count, row_ptr.data_ptr(), total,
         child_tokens.data_ptr(), child_nodes.data_ptr(),
     )
@@ -671,9 +726,7 @@ def _transition_shapes(path_nodes: Tensor) -> tuple[tuple[int, int], tuple[int, 
     return (batch, states - 1), (batch, states)
 
 
-@torch.library.custom_op(
-    "flower_ext::transition_log_probs", mutates_args=(), device_types=("cpu", "cuda")
-)
+@torch.library.custom_op("flower_ext::transition_log_probs", mutates_args=())
 def transition_log_probs(
     trie_data: Tensor,
     layout: list[int],
@@ -685,13 +738,18 @@ def transition_log_probs(
     ``step [B, T]`` = log F(s_{t+1}) - log F(s_t) and ``termination [B, T+1]`` =
     log F(s_t + termination_token) - log F(s_t), -inf where s_t has no such child. Padding
     (node id -1) gives 0; a zero-flow state gives -inf."""
+    raise _no_kernel(log_flows.device)
+
+
+@_kernels(transition_log_probs)
+def _(launchers, trie_data, layout, log_flows, path_nodes, termination_token):
     _check_transitions(trie_data, layout, log_flows, path_nodes, termination_token)
     flows, path_nodes = log_flows.contiguous(), path_nodes.contiguous()
     step_shape, termination_shape = _transition_shapes(path_nodes)
     step = flows.new_empty(step_shape)
     termination = flows.new_empty(termination_shape)
     status = _new_status(flows.device)
-    _launch("transition_log_probs", flows.device,
+    _run(launchers.transition_log_probs, flows.device,
         _trie_view(trie_data, layout), _REAL_CODES[flows.dtype], flows.data_ptr(),
         0 if flows.dim() == 1 else flows.shape[1], path_nodes.shape[0], path_nodes.element_size(),
         path_nodes.data_ptr(), path_nodes.shape[1], termination_token, step.data_ptr(),
@@ -789,9 +847,7 @@ def _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta, fi
     )
 
 
-@torch.library.custom_op(
-    "flower_ext::guide_logits_", mutates_args=("logits",), device_types=("cpu", "cuda")
-)
+@torch.library.custom_op("flower_ext::guide_logits_", mutates_args=("logits",))
 def guide_logits_(
     trie_data: Tensor,
     layout: list[int],
@@ -805,13 +861,18 @@ def guide_logits_(
     gets ``logits[b, v] - beta[b] * (log_flows[c] - log_flows[n])`` (-inf when either flow is
     -inf), every other token -inf; a finished row (as in :func:`mask_logits_`) keeps
     ``finished_token``'s logit, unguided. See :meth:`flower_ext.Trie.guide_logits_`."""
+    raise _no_kernel(logits.device)
+
+
+@_kernels(guide_logits_)
+def _(launchers, trie_data, layout, logits, node_ids, log_flows, beta, finished_token=None):
     _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta, finished_token)
     node_ids, flows = node_ids.contiguous(), log_flows.contiguous()
     if finished_token is not None:
         kept = logits[:, finished_token].clone()
     beta = beta.to(_guidance_dtype(logits)).contiguous()
     status = _new_status(logits.device)
-    _launch("guide_logits", logits.device,
+    _run(launchers.guide_logits, logits.device,
         _trie_view(trie_data, layout), _LOGIT_CODES[logits.dtype], logits.data_ptr(),
         logits.stride(0), logits.shape[0], logits.shape[1], node_ids.element_size(),
         node_ids.data_ptr(), _REAL_CODES[flows.dtype], flows.data_ptr(),
@@ -833,16 +894,21 @@ def _(trie_data, layout, logits, node_ids, log_flows, beta, finished_token=None)
 # tree passes
 
 
-@torch.library.custom_op("flower_ext::preorder", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("flower_ext::preorder", mutates_args=())
 def preorder(trie_data: Tensor, layout: list[int]) -> tuple[Tensor, Tensor]:
     """``(rank [N] int64, subtree_size [N] int64)``: each node's depth-first preorder rank
     (children in token order) and the number of nodes in its subtree, itself included."""
+    raise _no_kernel(trie_data.device)
+
+
+@_kernels(preorder)
+def _(launchers, trie_data, layout):
     _check_trie("preorder", trie_data, layout)
     num_nodes = trie_sizes(layout)[0]
     subtree_size = torch.ones(num_nodes, dtype=torch.int64, device=trie_data.device)
     rank = torch.empty_like(subtree_size)
     status = _new_status(trie_data.device)
-    _launch("preorder", trie_data.device,
+    _run(launchers.preorder, trie_data.device,
         _trie_view(trie_data, layout), subtree_size.data_ptr(), rank.data_ptr(),
         _level_ptr(layout), status.data_ptr(),
     )
@@ -872,12 +938,12 @@ def _check_node_values(op: str, trie_data: Tensor, layout: list[int], values: Te
     )
 
 
-def _tree_pass(op: str, trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
+def _tree_pass(launcher, op: str, trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
     _check_node_values(op, trie_data, layout, values)
     values = values.contiguous()
     sums = torch.empty_like(values)
     status = _new_status(values.device)
-    _launch(op, values.device,
+    _run(launcher, values.device,
         _trie_view(trie_data, layout), _REAL_CODES[values.dtype], values.data_ptr(),
         sums.data_ptr(), values.numel() // values.shape[-1], _level_ptr(layout),
         status.data_ptr(),
@@ -886,19 +952,29 @@ def _tree_pass(op: str, trie_data: Tensor, layout: list[int], values: Tensor) ->
     return sums
 
 
-@torch.library.custom_op("flower_ext::path_sums", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("flower_ext::path_sums", mutates_args=())
 def path_sums(trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
     """Sums of ``values [N]`` or ``[B, N]`` along each root-to-node path, the node included:
     ``out[n] = values[n] + out[parent[n]]``. Differentiable; its adjoint is
     :func:`subtree_sums`."""
-    return _tree_pass("path_sums", trie_data, layout, values)
+    raise _no_kernel(values.device)
 
 
-@torch.library.custom_op("flower_ext::subtree_sums", mutates_args=(), device_types=("cpu", "cuda"))
+@_kernels(path_sums)
+def _(launchers, trie_data, layout, values):
+    return _tree_pass(launchers.path_sums, "path_sums", trie_data, layout, values)
+
+
+@torch.library.custom_op("flower_ext::subtree_sums", mutates_args=())
 def subtree_sums(trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
     """Sums of ``values [N]`` or ``[B, N]`` over each node's subtree, the node included.
     Differentiable; its adjoint is :func:`path_sums`."""
-    return _tree_pass("subtree_sums", trie_data, layout, values)
+    raise _no_kernel(values.device)
+
+
+@_kernels(subtree_sums)
+def _(launchers, trie_data, layout, values):
+    return _tree_pass(launchers.subtree_sums, "subtree_sums", trie_data, layout, values)
 
 
 def _register_tree_pass(op, adjoint, name: str) -> None:
