@@ -21,9 +21,7 @@ Targets (issue 9): every variant's step <= 2x the SFT step; off-policy draws <= 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,12 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(arguments.threads)
     torch.manual_seed(training_step.SEED)
     result = run_benchmark(arguments.steps, arguments.warmup)
-    result["command"] = "python benchmarks/bench_objectives.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    print(table(result))
-    if arguments.json is not None:
-        arguments.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    training_step.write_report("bench_objectives.py", result, table, argv, arguments.json)
     return 0
 
 

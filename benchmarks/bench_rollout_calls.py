@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -133,7 +132,7 @@ def run_benchmark(batches: int, repeats: int, device: torch.device) -> dict:
             "repeats": repeats,
         },
         "machine": {
-            "cpu": training_step_bench._cpu_name(),
+            "cpu": training_step_bench.cpu_name(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -191,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(arguments.threads)
     torch.manual_seed(training_step_bench.SEED)
     result = run_benchmark(arguments.batches, arguments.repeats, torch.device(arguments.device))
-    result["command"] = "python benchmarks/bench_rollout_calls.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    print(table(result))
-    if arguments.json is not None:
-        arguments.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    training_step_bench.write_report("bench_rollout_calls.py", result, table, argv, arguments.json)
     return 0
 
 

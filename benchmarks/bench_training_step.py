@@ -489,7 +489,7 @@ def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> d
             "replay_repeats": repeats,
         },
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -576,13 +576,25 @@ def table(result: dict) -> str:
 LOAD_AT_START = os.getloadavg()[0]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         import cpuinfo  # py-cpuinfo, installed with pytest-benchmark
 
         return cpuinfo.get_cpu_info()["brand_raw"]
     except Exception:  # any failure: fall back to the architecture
         return platform.processor() or platform.machine()
+
+
+def write_report(script: str, result: dict, table: Callable[[dict], str], argv, json_path) -> None:
+    """The end of a standalone benchmark's run (this one's and the modules' that import it): the
+    command line recorded in ``result``, its table printed, the JSON written where ``--json``
+    asked."""
+    result["command"] = f"python benchmarks/{script} " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    print(table(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -605,12 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(arguments.threads)
     torch.manual_seed(SEED)
     result = run_benchmark(arguments.steps, arguments.warmup, instrumented, arguments.repeats)
-    result["command"] = "python benchmarks/bench_training_step.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    print(table(result))
-    if arguments.json is not None:
-        arguments.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_report("bench_training_step.py", result, table, argv, arguments.json)
     return 0
 
 
