@@ -310,15 +310,31 @@ FLOWER_HD int32_t set_child_bits(const TrieView& trie, Index node, int64_t vocab
   return status;
 }
 
-// Logit v of a row keeps its value where its bit is set in `word` (word v / 32 of the row's
-// bitmask) and gets the -inf bit pattern of its dtype elsewhere. Only the element size matters,
-// so float16, bfloat16, float32 and float64 logits share one kernel. The store is unconditional
-// (an allowed logit is written back unchanged) so that the CPU's loop over a word vectorises;
-// the load happens only for allowed logits, so a GPU reads no more than it did.
+// The bit of token j (0 <= j < 32) in its bitmask word. The host reads it from a table so that a
+// loop over j vectorises (x86-64's baseline SSE2 has no per-lane shift); the device shifts.
+FLOWER_HD uint32_t token_bit(int32_t j) {
+#if defined(__CUDA_ARCH__)
+  return 1u << j;
+#else
+  static constexpr uint32_t kBits[32] = {
+      1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+      1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+      1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+      1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+  return kBits[j];
+#endif
+}
+
+// Logit j of the 32 that bitmask word `word` covers (word_logits[0] is the word's first token)
+// keeps its value where its bit is set and gets the -inf bit pattern of its dtype elsewhere.
+// Only the element size matters, so float16, bfloat16, float32 and float64 logits share one
+// kernel. The store is unconditional (an allowed logit is written back unchanged) so that the
+// CPU's loop over a word vectorises; the load happens only for allowed logits, so a GPU reads no
+// more than a conditional store would.
 template <typename Bits>
-FLOWER_HD void apply_bitmask_element(Bits* logits_row, uint32_t word, int64_t v,
+FLOWER_HD void apply_bitmask_element(Bits* word_logits, uint32_t word, int32_t j,
                                      Bits negative_infinity_bits) {
-  logits_row[v] = ((word >> (v & 31)) & 1u) != 0u ? logits_row[v] : negative_infinity_bits;
+  word_logits[j] = (word & token_bit(j)) != 0u ? word_logits[j] : negative_infinity_bits;
 }
 
 // ---------------------------------------------------------------------------------------------

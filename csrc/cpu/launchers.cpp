@@ -148,18 +148,22 @@ void apply_token_bitmask(int32_t element_bytes, uint64_t negative_infinity_bits,
       for (int64_t b = begin; b < end; ++b) {
         Bits* row = at<Bits>(logits) + b * row_stride;
         const uint32_t* mask_row = at<const uint32_t>(bitmask) + b * words;
-        const auto apply_word = [&](uint32_t word, int64_t first, int64_t last) {
-          for (int64_t v = first; v < last; ++v) apply_bitmask_element(row, word, v, fill);
+        const auto apply_word = [&](Bits* word_logits, uint32_t word, int32_t count) {
+          for (int32_t j = 0; j < count; ++j) apply_bitmask_element(word_logits, word, j, fill);
         };
-        for (int64_t w = 0; w < words; ++w) {
-          // Most words allow no token: with the word a constant 0 the element kernel compiles
-          // to a vectorised fill.
-          const int64_t first = 32 * w, last = std::min(vocab_size, first + 32);
+        // Full words loop over a constant 32 logits, which vectorises; most allow no token, and
+        // with the word a constant 0 the element kernel becomes a plain fill.
+        const int64_t full_words = vocab_size / 32;
+        for (int64_t w = 0; w < full_words; ++w) {
           if (mask_row[w] == 0u) {
-            apply_word(0u, first, last);
+            apply_word(row + 32 * w, 0u, 32);
           } else {
-            apply_word(mask_row[w], first, last);
+            apply_word(row + 32 * w, mask_row[w], 32);
           }
+        }
+        if (full_words < words) {
+          apply_word(row + 32 * full_words, mask_row[full_words],
+                     static_cast<int32_t>(vocab_size - 32 * full_words));
         }
       }
       return int32_t{kOk};

@@ -141,7 +141,8 @@ __global__ void apply_bitmask_elements(Bits* logits, int64_t row_stride, int64_t
   const int64_t count = batch * vocab_size;
   for (int64_t i = first_index(); i < count; i += index_stride()) {
     const int64_t b = i / vocab_size, v = i % vocab_size;
-    apply_bitmask_element(logits + b * row_stride, bitmask[b * words + v / 32], v, fill);
+    apply_bitmask_element(logits + b * row_stride + (v - v % 32), bitmask[b * words + v / 32],
+                          static_cast<int32_t>(v % 32), fill);
   }
 }
 
