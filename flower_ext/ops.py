@@ -574,6 +574,8 @@ def _check_apply(logits: Tensor, bitmask: Tensor) -> None:
     )
 
 
+# Cached: three tensor ops to find a constant would be a fair part of a small mask_logits_ call.
+@functools.cache
 def _negative_infinity_bits(dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     bits = torch.tensor(float("-inf"), dtype=dtype).view(_BITS_DTYPES[size]).item()
