@@ -21,6 +21,8 @@ Layout:
     bench_training_step.py  a standalone script, not a pytest module (it defines no tests): SFT,
                         Flower and flow-matching training steps, their trie-work share, and the
                         published per-step trie work on the same batches
+    bench_rollout_calls.py  a standalone script too: mask_logits_ and advance call by call inside
+                        a rollout beside the same calls in a tight loop
 
 Rules (docs/design.md section 6): each op sits in one pytest-benchmark group per catalog with its
 baselines; every result is checked equal to the baselines' before anything is timed; only
