@@ -11,11 +11,10 @@ A trie enters every op as two arguments: ``trie_data``, one int32 tensor holding
 (``level_ptr[-1] == N``). :class:`flower_ext.Trie` keeps both (``trie.data``, ``trie.layout``).
 """
 
-from __future__ import annotations
-
 import functools
 import math
 import threading
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,6 +39,11 @@ __all__ = [
     "path_sums",
     "subtree_sums",
 ]
+
+# torch.library infers each op's schema from its annotations. Before torch 2.5 it cannot read
+# string annotations (so this module has no `from __future__ import annotations`), and before
+# 2.6 it knows an int list only as typing's generic, not as list[int].
+IntList = typing.List[int]  # noqa: UP006
 
 _REAL_CODES = {torch.float32: 0, torch.float64: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -66,16 +70,16 @@ _STATUS_MESSAGES = {
 # shared plumbing
 
 
-def trie_sizes(layout: list[int]) -> tuple[int, int]:
+def trie_sizes(layout: IntList) -> tuple[int, int]:
     """(num_nodes, num_items) of a packed trie."""
     return layout[-1], layout[0]
 
 
-def _level_ptr(layout: list[int]):
+def _level_ptr(layout: IntList):
     return _C.Int32Vector(layout[1:])
 
 
-def _trie_view(trie_data: Tensor, layout: list[int]):
+def _trie_view(trie_data: Tensor, layout: IntList):
     num_nodes, num_items = trie_sizes(layout)
     return _C.make_trie_view(trie_data.data_ptr(), num_nodes, num_items)
 
@@ -194,7 +198,7 @@ def _check_index(op: str, name: str, tensor: Tensor) -> None:
     )
 
 
-def _check_trie(op: str, trie_data: Tensor, layout: list[int]) -> None:
+def _check_trie(op: str, trie_data: Tensor, layout: IntList) -> None:
     _check(trie_data.dtype == torch.int32 and trie_data.dim() == 1, op, "trie_data must be 1-D int32")
     # The kernels read the arrays from its address on: an expanded or strided view would send
     # them past its storage.
@@ -223,7 +227,7 @@ def _check_trie(op: str, trie_data: Tensor, layout: list[int]) -> None:
 
 
 def _check_log_flows(
-    trie_data: Tensor, layout: list[int], log_rewards: Tensor, op: str = "log_flows"
+    trie_data: Tensor, layout: IntList, log_rewards: Tensor, op: str = "log_flows"
 ) -> None:
     _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, log_rewards=log_rewards)
@@ -241,12 +245,12 @@ def _check_log_flows(
     )
 
 
-def _flows_shape(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> tuple[int, ...]:
+def _flows_shape(trie_data: Tensor, layout: IntList, log_rewards: Tensor) -> tuple[int, ...]:
     return (*log_rewards.shape[:-1], trie_sizes(layout)[0])
 
 
 @torch.library.custom_op("flower_ext::log_flows", mutates_args=())
-def log_flows(trie_data: Tensor, layout: list[int], log_rewards: Tensor) -> Tensor:
+def log_flows(trie_data: Tensor, layout: IntList, log_rewards: Tensor) -> Tensor:
     """Log-flow of every node: ``[I]`` or ``[B, I]`` item log-rewards -> ``[N]`` or ``[B, N]``."""
     raise _no_kernel(log_rewards.device)
 
@@ -274,7 +278,7 @@ def _(trie_data, layout, log_rewards):
 
 @torch.library.custom_op("flower_ext::log_flows_backward", mutates_args=())
 def log_flows_backward(
-    trie_data: Tensor, layout: list[int], log_rewards: Tensor, flows: Tensor, grad_flows: Tensor
+    trie_data: Tensor, layout: IntList, log_rewards: Tensor, flows: Tensor, grad_flows: Tensor
 ) -> Tensor:
     """Gradient of :func:`log_flows` with respect to the log-rewards (a top-down pass)."""
     raise _no_kernel(log_rewards.device)
@@ -358,7 +362,7 @@ def _check_walk(trie_data, layout, tokens, lengths) -> None:
 
 
 @torch.library.custom_op("flower_ext::walk", mutates_args=())
-def walk(trie_data: Tensor, layout: list[int], tokens: Tensor, lengths: Tensor | None) -> Tensor:
+def walk(trie_data: Tensor, layout: IntList, tokens: Tensor, lengths: Tensor | None) -> Tensor:
     """Node ids along each token path, ``[B, L]`` int32: ``out[b, t]`` is the node reached after
     ``tokens[b, :t + 1]``; -1 once a token leaves the trie and at positions ``t >= lengths[b]``."""
     raise _no_kernel(tokens.device)
@@ -400,7 +404,7 @@ def _check_advance(trie_data, layout, node_ids, tokens) -> None:
 
 
 @torch.library.custom_op("flower_ext::advance", mutates_args=())
-def advance(trie_data: Tensor, layout: list[int], node_ids: Tensor, tokens: Tensor) -> Tensor:
+def advance(trie_data: Tensor, layout: IntList, node_ids: Tensor, tokens: Tensor) -> Tensor:
     """The child of each node reached by each token (int32, same shape); -1 where there is none
     or where the node id is already -1."""
     raise _no_kernel(node_ids.device)
@@ -461,7 +465,7 @@ def _check_token_bitmask(trie_data, layout, node_ids, vocab_size, finished_token
 @torch.library.custom_op("flower_ext::token_bitmask", mutates_args=())
 def token_bitmask(
     trie_data: Tensor,
-    layout: list[int],
+    layout: IntList,
     node_ids: Tensor,
     vocab_size: int,
     finished_token: int | None = None,
@@ -618,7 +622,7 @@ def _check_mask_logits(trie_data, layout, logits, node_ids, finished_token) -> N
 @torch.library.custom_op("flower_ext::mask_logits_", mutates_args=("logits",))
 def mask_logits_(
     trie_data: Tensor,
-    layout: list[int],
+    layout: IntList,
     logits: Tensor,
     node_ids: Tensor,
     finished_token: int | None = None,
@@ -649,7 +653,7 @@ def _(trie_data, layout, logits, node_ids, finished_token=None):
 
 
 @torch.library.custom_op("flower_ext::children", mutates_args=())
-def children(trie_data: Tensor, layout: list[int], node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def children(trie_data: Tensor, layout: IntList, node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Children of each node as CSR: ``(row_ptr [M + 1] int64, child_tokens [K] int32,
     child_nodes [K] int32)``; row m's children are entries ``row_ptr[m] .. row_ptr[m + 1] - 1``,
     sorted by token. Node id -1 has no children."""
@@ -731,7 +735,7 @@ def _transition_shapes(path_nodes: Tensor) -> tuple[tuple[int, int], tuple[int, 
 @torch.library.custom_op("flower_ext::transition_log_probs", mutates_args=())
 def transition_log_probs(
     trie_data: Tensor,
-    layout: list[int],
+    layout: IntList,
     log_flows: Tensor,
     path_nodes: Tensor,
     termination_token: int,
@@ -852,7 +856,7 @@ def _check_guide_logits(trie_data, layout, logits, node_ids, log_flows, beta, fi
 @torch.library.custom_op("flower_ext::guide_logits_", mutates_args=("logits",))
 def guide_logits_(
     trie_data: Tensor,
-    layout: list[int],
+    layout: IntList,
     logits: Tensor,
     node_ids: Tensor,
     log_flows: Tensor,
@@ -897,7 +901,7 @@ def _(trie_data, layout, logits, node_ids, log_flows, beta, finished_token=None)
 
 
 @torch.library.custom_op("flower_ext::preorder", mutates_args=())
-def preorder(trie_data: Tensor, layout: list[int]) -> tuple[Tensor, Tensor]:
+def preorder(trie_data: Tensor, layout: IntList) -> tuple[Tensor, Tensor]:
     """``(rank [N] int64, subtree_size [N] int64)``: each node's depth-first preorder rank
     (children in token order) and the number of nodes in its subtree, itself included."""
     raise _no_kernel(trie_data.device)
@@ -925,7 +929,7 @@ def _(trie_data, layout):
     return tuple(trie_data.new_empty(num_nodes, dtype=torch.int64) for _ in range(2))
 
 
-def _check_node_values(op: str, trie_data: Tensor, layout: list[int], values: Tensor) -> None:
+def _check_node_values(op: str, trie_data: Tensor, layout: IntList, values: Tensor) -> None:
     _check_trie(op, trie_data, layout)
     _check_device(op, trie_data, values=values)
     _check(
@@ -940,7 +944,7 @@ def _check_node_values(op: str, trie_data: Tensor, layout: list[int], values: Te
     )
 
 
-def _tree_pass(launcher, op: str, trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
+def _tree_pass(launcher, op: str, trie_data: Tensor, layout: IntList, values: Tensor) -> Tensor:
     _check_node_values(op, trie_data, layout, values)
     values = values.contiguous()
     sums = torch.empty_like(values)
@@ -955,7 +959,7 @@ def _tree_pass(launcher, op: str, trie_data: Tensor, layout: list[int], values: 
 
 
 @torch.library.custom_op("flower_ext::path_sums", mutates_args=())
-def path_sums(trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
+def path_sums(trie_data: Tensor, layout: IntList, values: Tensor) -> Tensor:
     """Sums of ``values [N]`` or ``[B, N]`` along each root-to-node path, the node included:
     ``out[n] = values[n] + out[parent[n]]``. Differentiable; its adjoint is
     :func:`subtree_sums`."""
@@ -968,7 +972,7 @@ def _(launchers, trie_data, layout, values):
 
 
 @torch.library.custom_op("flower_ext::subtree_sums", mutates_args=())
-def subtree_sums(trie_data: Tensor, layout: list[int], values: Tensor) -> Tensor:
+def subtree_sums(trie_data: Tensor, layout: IntList, values: Tensor) -> Tensor:
     """Sums of ``values [N]`` or ``[B, N]`` over each node's subtree, the node included.
     Differentiable; its adjoint is :func:`path_sums`."""
     raise _no_kernel(values.device)
