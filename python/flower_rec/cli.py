@@ -57,11 +57,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_dataset
-    from .evaluate import evaluate, resolve_guidance, write_evaluation
+    from .evaluate import EVALUATE_RULES, check_options, evaluate, write_evaluation
     from .files import reading
     from .rewards import PopularityRewards
 
-    resolve_guidance(args.guidance, args.guidance_form)  # a bad value fails before any loading
+    check_options(  # a bad value fails before anything loads
+        guidance=args.guidance, guidance_form=args.guidance_form,
+        **{name: getattr(args, name) for name in EVALUATE_RULES},
+    )
 
     # Every file is read, and named if it is bad, before the model loads.
     target = None if args.target_distribution is None else _read_counts(args.target_distribution)

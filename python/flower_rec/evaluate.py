@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -120,6 +120,24 @@ def recommend(
     return recommendations, [titles[s.target] for s in samples]
 
 
+def check_options(
+    *, guidance: str | float | None, guidance_form: str, **options: Any
+) -> tuple:
+    """Raises ValueError naming the first option of :func:`evaluate` that breaks its rule
+    (``options``: one value per name of :data:`EVALUATE_RULES`); returns the guidance setting
+    (:func:`resolve_guidance`). The command line calls it before it loads anything."""
+    problem = first_problem(options, EVALUATE_RULES)
+    if problem:
+        raise ValueError(problem)
+    auto, beta, form = resolve_guidance(guidance, guidance_form)
+    if auto and options["mode"] != "beam":
+        raise ValueError(
+            f"guidance 'auto' chooses beta for beam search; give {options['mode']!r} a number "
+            "instead"
+        )
+    return auto, beta, form
+
+
 def evaluate(
     model,
     tokenizer,
@@ -151,19 +169,11 @@ def evaluate(
     curve in :attr:`Evaluation.selection`. The prior is ``guidance_prior`` (``[I]`` item
     log-prior, or ``[samples, I]`` one row per evaluated sample) or the training popularity
     (:func:`popularity_prior`). The metrics record the setting under ``"guidance"``."""
-    problem = first_problem(
-        {"k": k, "limit": limit, "batch_size": batch_size, "seed": seed,
-         "temperature": temperature, "max_prompt_tokens": max_prompt_tokens,
-         "guidance_users": guidance_users, "mode": mode},
-        EVALUATE_RULES,
+    auto, beta, form = check_options(
+        mode=mode, k=k, limit=limit, batch_size=batch_size, seed=seed, temperature=temperature,
+        max_prompt_tokens=max_prompt_tokens, guidance=guidance, guidance_form=guidance_form,
+        guidance_users=guidance_users,
     )
-    if problem:
-        raise ValueError(problem)
-    auto, beta, form = resolve_guidance(guidance, guidance_form)
-    if auto and mode != "beam":
-        raise ValueError(
-            f"guidance 'auto' chooses beta for beam search; give {mode!r} a number instead"
-        )
     catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], domain))
     decoder = TrieDecoder(model, tokenizer, catalog, batch_size=batch_size, progress=progress)
     popularity = popularity_reference(dataset)

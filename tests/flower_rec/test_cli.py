@@ -62,6 +62,22 @@ def test_evaluate_names_a_bad_json_file(dataset_dir, tmp_path, capsys, option, c
     assert f"{bad}: " in error and problem in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize(
+    "option, value, problem",
+    [("--limit", "-2", "limit must be a positive integer"),
+     ("--limit", "0", "limit must be a positive integer"),
+     ("--temperature", "nan", "temperature must be a positive number"),
+     ("--guidance", "auto", "guidance 'auto' chooses beta for beam search")],
+)
+def test_evaluate_checks_its_options_before_loading_anything(tmp_path, capsys, option, value,
+                                                             problem):
+    """Neither the dataset nor the model exists: the bad option is what the error names."""
+    argv = ["evaluate", "--data", str(tmp_path / "no-data"), "--model", str(tmp_path / "no-model"),
+            "--out", str(tmp_path / "out"), "--mode", "sample", option, value]
+    assert main(argv) == 2
+    assert problem in capsys.readouterr().err
+
+
 def test_help_names_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
