@@ -15,8 +15,9 @@ from collections import deque
 
 import numpy as np
 import torch
-from flower_ext import Trie
 from torch import Tensor
+
+from flower_ext import Trie
 
 # ---------------------------------------------------------------------------------------------
 # build

@@ -25,9 +25,9 @@ import marisa_trie
 import numpy as np
 import pytest
 import torch
-from flower_ext import Trie
 
 import baselines
+from flower_ext import Trie
 from harness import Case, baseline, ours
 
 OURS_FLAT = "flower_ext-flat"

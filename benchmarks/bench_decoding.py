@@ -184,8 +184,9 @@ class _Setup:
         return self._items(sequences)
 
     def trie_processor(self) -> torch.Tensor:
-        from flower_ext.generation import TrieLogitsProcessor
         from transformers import LogitsProcessorList
+
+        from flower_ext.generation import TrieLogitsProcessor
 
         processor = TrieLogitsProcessor(self.catalog.trie, self.prompt_length, self.eos)
         with torch.no_grad():
@@ -207,8 +208,9 @@ class _Setup:
 
     def constraint_shares(self) -> dict[str, float]:
         """One instrumented call of each: total seconds and seconds inside the constraint."""
-        from flower_ext.generation import TrieLogitsProcessor
         from transformers.generation import logits_process
+
+        from flower_ext.generation import TrieLogitsProcessor
 
         info: dict[str, float] = {}
 

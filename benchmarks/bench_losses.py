@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from flower_ext.losses import subtb_loss_from_log_probs
 from flower_ext.reference import subtb_loss_all_pairs
-
 from harness import Case, baseline, ours
 
 BATCH, MAX_STEPS = 64, 32

@@ -39,9 +39,9 @@ import os
 
 import pytest
 import torch
-from flower_ext import Trie
 
 import catalogs
+from flower_ext import Trie
 
 CATALOG_NAMES = [catalogs.VIDEO_GAMES, *catalogs.SYNTHETIC_SIZES]
 _LOAD_AT_START = pytest.StashKey[float]()

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import sys
 
-import flower_ext
 import torch
-from flower_ext import Trie
 
 import catalogs
+import flower_ext
+from flower_ext import Trie
 
 CATALOG = "synthetic_1m"
 BATCH = 64

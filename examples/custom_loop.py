@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-from flower_ext import Trie, losses
-from flower_ext.generation import TrieLogitsProcessor
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
+from flower_ext import Trie, losses
+from flower_ext.generation import TrieLogitsProcessor
 from flower_rec.loop import continuation_labels, continuation_logits, rollout
 from flower_rec.models import train_tokenizer
 

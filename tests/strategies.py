@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import flower_ext
 import torch
-from flower_ext import Trie, reference
-from flower_ext.reference import ReferenceTrie
 from hypothesis import strategies as st
 from torch import Tensor
+
+import flower_ext
+from flower_ext import Trie, reference
+from flower_ext.reference import ReferenceTrie
 
 # The devices the ops run on here: CUDA only where a GPU is present and the extension was
 # compiled with its kernels. The `device` fixture of conftest.py parametrises tests over them.

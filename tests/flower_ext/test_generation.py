@@ -12,11 +12,11 @@ import warnings
 
 import pytest
 import torch
-from flower_ext.generation import TrieLogitsProcessor, allowed_token_bitmask
 from torch import Tensor
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from flower_ext import Trie, ops
+from flower_ext.generation import TrieLogitsProcessor, allowed_token_bitmask
 from helpers_data import allowed_tokens, leaf_nodes, node_rows, random_catalog
 
 VOCAB = 300  # not a multiple of 32

@@ -15,10 +15,10 @@ import string
 import pytest
 import torch
 import xgrammar as xgr
-from flower_ext.generation import allowed_token_bitmask
 from xgrammar.testing import _get_masked_tokens_from_bitmask, bool_mask_to_bitmask
 
 from flower_ext import Trie
+from flower_ext.generation import allowed_token_bitmask
 from helpers_data import allowed_tokens, node_rows, random_catalog
 
 QWEN_VOCAB = 151_936  # Qwen2.5 / Qwen3 embedding rows: a multiple of 32

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_ext.reference import ReferenceTrie, node_prefixes
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from flower_ext import Trie
+from flower_ext.reference import ReferenceTrie, node_prefixes
 from strategies import SAMPLE, build, catalogs
 
 

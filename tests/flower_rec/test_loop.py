@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
-from flower_ext.generation import TrieLogitsProcessor
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from flower_ext import Trie, losses
+from flower_ext.generation import TrieLogitsProcessor
 from flower_rec.loop import (
     Rollout,
     continuation_labels,

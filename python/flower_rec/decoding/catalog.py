@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from flower_ext import Trie
 from torch import Tensor
+
+from flower_ext import Trie
 
 from ..prompts import ItemTokens, item_token_sequences
 

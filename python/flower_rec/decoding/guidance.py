@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from flower_ext import Trie
 from torch import Tensor
+
+from flower_ext import Trie
 
 GuidanceForm = Literal["normalized", "item"]
 GUIDANCE_FORMS: tuple[GuidanceForm, ...] = ("normalized", "item")

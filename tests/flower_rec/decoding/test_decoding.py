@@ -15,7 +15,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from flower_ext.generation import TrieLogitsProcessor
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -24,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from flower_ext.generation import TrieLogitsProcessor
 from flower_rec.decoding import GUIDANCE_FORMS, Catalog, Guidance, TrieDecoder
 from flower_rec.prompts import build_prompt, item_token_sequences
 from helpers_data import synthetic_titles, train_bpe
