@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -206,6 +207,14 @@ def _checkpoint_problem(folder: Path, lora: bool, world_size: int) -> str | None
     return None
 
 
+def _option_defaults() -> dict[str, Any]:
+    return {
+        field.name: field.default
+        for field in dataclasses.fields(TrainConfig)
+        if field.default is not dataclasses.MISSING
+    }
+
+
 def _prepare_run_dir(
     config: TrainConfig, run_dir: Path, world_size: int, check: bool
 ) -> Path | None:
@@ -225,6 +234,8 @@ def _prepare_run_dir(
         previous = read_json(saved)
         if not isinstance(previous, dict):
             raise TrainConfigError(f"{saved}: not a training configuration (a JSON object)")
+        # A run saved before an option existed ran with that option's default.
+        previous = {**_option_defaults(), **previous}
         current = config.to_dict()
         changed = sorted(
             k for k in current

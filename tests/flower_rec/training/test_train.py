@@ -684,6 +684,20 @@ def test_existing_run_needs_resume_and_the_same_config(data_dir, tmp_path):
         train(config(data_dir, out, max_steps=1, resume=True, learning_rate=1e-3))
 
 
+def test_a_run_saved_before_an_option_existed_resumes_with_its_default(data_dir, tmp_path):
+    """An older version wrote no key for a later option; the run used that option's default."""
+    out = tmp_path / "run"
+    train(config(data_dir, out, max_steps=1))
+    saved = json.loads((out / CONFIG_FILE).read_text())
+    del saved["rollout"], saved["off_policy_share"]
+    (out / CONFIG_FILE).write_text(json.dumps(saved))
+    train(config(data_dir, out, max_steps=1, resume=True))
+    saved["off_policy_share"] = 0.5
+    (out / CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(TrainConfigError, match=r"different configuration \(off_policy_share"):
+        train(config(data_dir, out, max_steps=1, resume=True))
+
+
 def test_probability_table_of_the_wrong_shape(data_dir, dataset, tmp_path):
     with pytest.raises(TrainConfigError, match="aux_probabilities has shape"):
         train(config(data_dir, tmp_path / "run", method="flower",
