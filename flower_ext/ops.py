@@ -40,9 +40,9 @@ __all__ = [
     "subtree_sums",
 ]
 
-# torch.library infers each op's schema from its annotations. Before torch 2.5 it cannot read
-# string annotations (so this module has no `from __future__ import annotations`), and before
-# 2.6 it knows an int list only as typing's generic, not as list[int].
+# torch.library infers each op's schema from its annotations, and torch 2.6 evaluates a string
+# annotation in its own namespace, not this module's (so this module has no
+# `from __future__ import annotations`) and knows an int list only as typing's generic.
 IntList = typing.List[int]  # noqa: UP006
 
 _REAL_CODES = {torch.float32: 0, torch.float64: 1}

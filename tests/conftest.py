@@ -59,6 +59,21 @@ def one_thread():
     yield from _torch_threads(1)
 
 
+# Dynamo traces an op whose output size depends on the data (`children`, and the masked losses
+# that call it) by itself from torch 2.11 on; before (2.9 tried), only with this flag set.
+_NEEDS_DYNAMIC_OUTPUT_FLAG = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 11)
+
+
+@pytest.fixture
+def dynamic_output_shapes():
+    """Compiles graphs that hold a data-dependent output size, as a user of that torch must."""
+    if not _NEEDS_DYNAMIC_OUTPUT_FLAG:
+        yield
+        return
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        yield
+
+
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory):
     """A small synthetic dataset folder (60 items, 300 users), made by the CLI."""

@@ -303,7 +303,7 @@ def test_flow_matching_loss_gradcheck(per_row_flows):
     )
 
 
-def test_flow_matching_and_state_rewards_compile():
+def test_flow_matching_and_state_rewards_compile(dynamic_output_shapes):
     torch._dynamo.reset()
     trie, path, termination_token = _terminated_sample()
     flows = trie.log_flows(seeded(8, (trie.num_items,)))
@@ -580,7 +580,7 @@ def test_masked_losses_gradcheck():
     assert torch.autograd.gradcheck(all_three, (seeded(5, (*path.shape, 9)).requires_grad_(),))
 
 
-def test_masked_losses_compile():
+def test_masked_losses_compile(dynamic_output_shapes):
     torch._dynamo.reset()
     trie, path, termination = _terminated_sample()
     actions = torch.tensor([[1, 2, 0], [3, 5, 6], [1, 0, 0], [3, 0, 0]])

@@ -452,7 +452,7 @@ def _run(function, args) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]
 
 
 @pytest.mark.parametrize("name", list(compile_cases(Trie.from_sequences(SAMPLE))))
-def test_compile_fullgraph(sample, name):
+def test_compile_fullgraph(sample, name, dynamic_output_shapes):
     torch._dynamo.reset()
     function, args = compile_cases(sample)[name]
     expected_outputs, expected_grads = _run(function, args)
