@@ -19,13 +19,6 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def dataset(data_dir):
-    from flower_rec.data import load_dataset
-
-    return load_dataset(data_dir)
-
-
 def test_top_titles_count_a_shared_title_once_and_break_ties_by_id():
     titles = ["a", "b", "a", "c", "d"]
     scores = torch.tensor([[1.0, 0.5, 2.0, 0.5, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0]])

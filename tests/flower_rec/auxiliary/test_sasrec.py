@@ -38,13 +38,6 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dataset(data_dir):
-    from flower_rec.data import load_dataset
-
-    return load_dataset(data_dir)
-
-
-@pytest.fixture(scope="module")
 def trained(dataset):
     return train_sasrec(dataset, seed=0, **FAST)
 

@@ -22,13 +22,6 @@ def data_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def dataset(data_dir):
-    from flower_rec.data import load_dataset
-
-    return load_dataset(data_dir)
-
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory) -> Path:
