@@ -26,7 +26,7 @@ python - "$data" <<'PY'
 import sys
 
 from flower_rec.data import load_dataset
-from flower_rec.sasrec import most_popular_baseline
+from flower_rec.auxiliary import most_popular_baseline
 
 metrics = most_popular_baseline(load_dataset(sys.argv[1]), "test", exclude_history=False,
                                 counts="history")
