@@ -14,6 +14,9 @@ until it completes: a session that ends mid-way loses at most the run in progres
 
     python scripts/ablation.py --out runs/ablation
     python scripts/ablation.py --out runs/ablation --variants sft subtb-masked --seeds 0
+
+``--data`` runs the same protocol on a dataset folder instead (the Video_Games part of
+docs/ablation.md, with ``--domain video_games``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, run_demo
+from flower_rec.prompts import DOMAINS
 from flower_rec.variants import TRAINING_VARIANTS, variant_options
 
 #: The order runs are made in: the baseline, then the candidates the fixed-batch fits of
@@ -108,8 +112,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=7.0, help="most epochs per run")
     parser.add_argument("--patience", type=int, default=2, help="early-stopping patience")
     parser.add_argument("--quick", action="store_true", help="a smoke run (60 steps each)")
+    parser.add_argument("--data", help="a dataset folder instead of the synthetic one")
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="items",
+                        help="wording of the prompts (items)")
     args = parser.parse_args()
-    config = DemoConfig(out=args.out, epochs=args.epochs, quick=args.quick,
+    config = DemoConfig(out=args.out, data=args.data, domain=args.domain, epochs=args.epochs,
+                        quick=args.quick,
                         early_stopping_patience=None if args.quick else args.patience)
     report = run_demo(config, plan(args.variants, args.seeds))
     report["verdicts"] = verdicts(report)
