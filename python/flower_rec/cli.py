@@ -8,40 +8,28 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .cli_options import add_config_options, config_from_args
+from .cli_options import add_config_options, config_from_args, options_from_args
+from .config_checks import one_of
 from .data import DatasetError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _prepare_amazon(args: argparse.Namespace) -> int:
-    from .data import prepare_amazon
+def _prepare(function: Callable) -> Handler:
+    """The handler of ``prepare SOURCE``: ``function`` (a ``prepare_*`` of :mod:`flower_rec.data`)
+    with the parsed options, its progress lines printed."""
 
-    prepare_amazon(
-        args.reviews, args.meta, args.out, window_start=args.window_start,
-        window_end=args.window_end, seed=args.seed, log=print,
-    )
-    return 0
+    def handler(args: argparse.Namespace) -> int:
+        function(**options_from_args(function, args), log=print)
+        return 0
 
-
-def _prepare_movielens(args: argparse.Namespace) -> int:
-    from .data import prepare_movielens
-
-    prepare_movielens(args.path, args.out, seed=args.seed, log=print)
-    return 0
-
-
-def _prepare_synthetic(args: argparse.Namespace) -> int:
-    from .data import prepare_synthetic
-
-    prepare_synthetic(args.out, items=args.items, users=args.users, seed=args.seed, log=print)
-    return 0
+    return handler
 
 
 def _stats(args: argparse.Namespace) -> int:
     from .stats import dataset_stats, format_stats
 
-    stats = dataset_stats(args.data, counts=args.counts)
+    stats = dataset_stats(args.data, **options_from_args(dataset_stats, args))
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -50,6 +38,11 @@ SUMMARY_METRICS = (
     "NDCG@10", "HR@10", "DGU", "MGU", "word_entropy", "type_token_ratio", "distinct_titles",
     "invalid_outputs",
 )
+
+
+#: The arguments of :func:`flower_rec.evaluate.evaluate` that are objects there and paths on the
+#: command line (the guidance prior and the target distribution are JSON files of counts).
+EVALUATE_OBJECTS = ("model", "tokenizer", "dataset", "target_distribution", "guidance_prior")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -80,14 +73,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     with reading(f"model {args.model}"):
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    evaluation = evaluate(
-        model, tokenizer, dataset, split=args.split, mode=args.mode, k=args.k,
-        domain=args.domain, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
-        temperature=args.temperature, target_distribution=target,
-        max_prompt_tokens=args.max_prompt_tokens, guidance=args.guidance,
-        guidance_form=args.guidance_form, guidance_prior=prior,
-        guidance_users=args.guidance_users,
-    )
+    options = options_from_args(evaluate, args, skip=EVALUATE_OBJECTS)
+    evaluation = evaluate(model, tokenizer, dataset, target_distribution=target,
+                          guidance_prior=prior, **options)
     if evaluation.selection is not None:
         print(evaluation.selection.summary())
     config = {key: value for key, value in vars(args).items() if key != "handler"}
@@ -118,12 +106,8 @@ def _train_aux(args: argparse.Namespace) -> int:
     from .files import atomic_open
 
     dataset = load_dataset(args.data)
-    model, report = train_sasrec(
-        dataset, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-        lr=args.lr, dropout=args.dropout, seed=args.seed, device=args.device,
-        threads=args.threads, exclude_history=not args.include_history,
-    )
-    exclude = not args.include_history
+    model, report = train_sasrec(dataset, **options_from_args(train_sasrec, args))
+    exclude = args.exclude_history
     metrics = {
         split: {
             "sasrec": evaluate_sasrec(model, dataset, split, exclude_history=exclude),
@@ -140,7 +124,7 @@ def _train_aux(args: argparse.Namespace) -> int:
         f"SASRec: best epoch {report['best_epoch']} of {len(report['epochs'])}, "
         f"{report['train_seconds']:.1f} s"
     )
-    ranked = "all items" if args.include_history else "all items but the user's history"
+    ranked = "all items but the user's history" if exclude else "all items"
     print(f"ranking {ranked}")
     print(f"{'':>8}  {'valid':^20}  {'test':^20}")
     print(f"{'':>8}  {'SASRec':>9} {'most-pop':>10}  {'SASRec':>9} {'most-pop':>10}")
@@ -203,7 +187,7 @@ def _screen(args: argparse.Namespace) -> int:
 
         samples = dataset.split(args.split)[: args.limit]
         probabilities = item_probabilities(load_sasrec(args.aux), samples)
-    rows = screen(dataset, probabilities, split=args.split, k=args.k, limit=args.limit)
+    rows = screen(dataset, probabilities, **options_from_args(screen, args))
     print(format_screen(rows, args.k))
     if args.out is not None:
         path = write_report({"data": str(args.data), "split": args.split, "k": args.k,
@@ -256,10 +240,15 @@ def _add_demo(commands) -> None:
     demo.set_defaults(handler=_demo)
 
 
+#: The ``--out`` of ``prepare SOURCE``, which the ``prepare_*`` functions make optional.
+_DATASET_OUT = {"required": True, "help": "the dataset folder to write (created)"}
+
+
 def _add_prepare(commands) -> None:
+    from .data import prepare_amazon, prepare_movielens, prepare_synthetic
+
     prepare = commands.add_parser("prepare", help="build a dataset folder from raw data")
     sources = prepare.add_subparsers(dest="source", required=True, metavar="SOURCE")
-
     amazon = sources.add_parser(
         "amazon",
         help="Amazon Review Data 2018 files, with the paper's preprocessing",
@@ -268,39 +257,27 @@ def _add_prepare(commands) -> None:
         "titles of at most 20 words, HTML-ish titles dropped, iterative 5-core, seeded id "
         "shuffle, histories of up to 10 items, global temporal 80/10/10 split.",
     )
-    amazon.add_argument("--reviews", required=True, help="<Category>.json[.gz]")
-    amazon.add_argument("--meta", required=True, help="meta_<Category>.json[.gz]")
-    amazon.add_argument("--out", required=True, help="output dataset folder (created)")
-    amazon.add_argument("--window-start", default="2015-10", help="first month kept (YYYY-MM)")
-    amazon.add_argument("--window-end", default="2018-11", help="first month no longer kept")
-    amazon.add_argument("--seed", type=int, default=42, help="seed of the item id shuffle")
-    amazon.set_defaults(handler=_prepare_amazon)
-
     movielens = sources.add_parser(
         "movielens",
         help="MovieLens ml-100k or ml-1m raw files",
         description="Reads ml-100k (u.data, u.item) or ml-1m (ratings.dat, movies.dat) and builds "
         "the same 5-core, history and split pipeline; titles keep their year.",
     )
-    movielens.add_argument("--path", required=True, help="the unpacked MovieLens folder")
-    movielens.add_argument("--out", required=True, help="output dataset folder (created)")
-    movielens.add_argument("--seed", type=int, default=42, help="seed of the item id shuffle")
-    movielens.set_defaults(handler=_prepare_movielens)
-
     synthetic = sources.add_parser(
         "synthetic",
         help="the embedded synthetic catalog (the demo's default)",
         description="A deterministic synthetic video-game store: long-tailed popularity, users "
         "with taste clusters, readable titles that share prefixes (series, editions, platforms).",
     )
-    synthetic.add_argument("--items", type=int, default=400, help="catalog size before 5-core")
-    synthetic.add_argument("--users", type=int, default=2000, help="number of users")
-    synthetic.add_argument("--seed", type=int, default=0, help="random seed")
-    synthetic.add_argument("--out", required=True, help="output dataset folder (created)")
-    synthetic.set_defaults(handler=_prepare_synthetic)
+    for source, function in ((amazon, prepare_amazon), (movielens, prepare_movielens),
+                             (synthetic, prepare_synthetic)):
+        add_config_options(source, function, {}, skip=("log",), extra={"out": _DATASET_OUT})
+        source.set_defaults(handler=_prepare(function))
 
 
 def _add_stats(commands) -> None:
+    from .stats import dataset_stats
+
     stats = commands.add_parser(
         "stats",
         help="dataset statistics and popularity groups",
@@ -308,10 +285,7 @@ def _add_stats(commands) -> None:
         "counts, the 8 equal-size popularity groups and their training shares GH.",
     )
     stats.add_argument("--data", required=True, help="dataset folder")
-    stats.add_argument(
-        "--counts", choices=("history", "interactions"), default="history",
-        help="popularity as history-window counts (the paper's) or raw interaction counts",
-    )
+    add_config_options(stats, dataset_stats, {}, skip=("dataset",))
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     stats.set_defaults(handler=_stats)
 
@@ -343,8 +317,7 @@ def _add_train(commands) -> None:
 
 def _add_evaluate(commands) -> None:
     from .decoding import GUIDANCE_FORMS
-    from .evaluate import DECODING_MODES
-    from .prompts import DOMAINS
+    from .evaluate import EVALUATE_RULES, evaluate
 
     evaluation = commands.add_parser(
         "evaluate",
@@ -359,49 +332,26 @@ def _add_evaluate(commands) -> None:
     evaluation.add_argument("--data", required=True, help="dataset folder")
     evaluation.add_argument("--model", required=True, help="Hugging Face causal LM (local folder)")
     evaluation.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
-    evaluation.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    evaluation.add_argument("--mode", choices=DECODING_MODES, default="beam", help="decoding")
-    evaluation.add_argument("--k", type=int, default=10, help="list length (beams)")
-    evaluation.add_argument(
-        "--domain", choices=sorted(DOMAINS), default="items", help="wording of the prompt"
-    )
-    evaluation.add_argument("--limit", type=int, help="evaluate the first N samples only")
-    evaluation.add_argument(
-        "--max-prompt-tokens", type=int,
-        help="prompt cutoff: longer prompts drop their oldest history titles (as in training)",
-    )
-    evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
-    evaluation.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
-    evaluation.add_argument("--temperature", type=float, default=1.0, help="of sampled decoding")
-    evaluation.add_argument(
-        "--guidance", default="0", metavar="BETA|auto",
-        help="flow guidance: each item's score gets -BETA x log(R(i)/Z) under the prior R (the "
-        "training popularity unless --guidance-prior); 0 turns it off (default); 'auto' (beam) "
-        "chooses BETA and the form on the valid split: the lowest DGU at NDCG@10 >= 0.95x "
-        "unguided",
-    )
-    evaluation.add_argument(
-        "--guidance-form", choices=GUIDANCE_FORMS, default="normalized",
-        help="beam search: divide the guidance by the length with the model term (normalized, "
-        "the default), or add it once per item (item)",
+    evaluation.add_argument("--out", required=True, help="output folder (created)")
+    add_config_options(
+        evaluation, evaluate, {**EVALUATE_RULES, "guidance_form": one_of(GUIDANCE_FORMS)},
+        skip=EVALUATE_OBJECTS,
+        extra={"guidance": {"metavar": "BETA|auto"}},
     )
     evaluation.add_argument(
         "--guidance-prior", metavar="JSON",
         help="JSON {title: count} of the guidance prior (default: training popularity)",
     )
     evaluation.add_argument(
-        "--guidance-users", type=int, default=1000,
-        help="valid samples the 'auto' selection uses (a seeded subset)",
-    )
-    evaluation.add_argument(
-        "--target-distribution",
+        "--target-distribution", metavar="JSON",
         help="JSON {title: count} to compare the recommended titles with (KL(m||b), KL(b||m), JS)",
     )
-    evaluation.add_argument("--out", required=True, help="output folder (created)")
     evaluation.set_defaults(handler=_evaluate)
 
 
 def _add_train_aux(commands) -> None:
+    from .auxiliary import train_sasrec
+
     train_aux = commands.add_parser(
         "train-aux",
         help="train the SASRec of the personalised rewards",
@@ -412,27 +362,18 @@ def _add_train_aux(commands) -> None:
     )
     train_aux.add_argument("--data", required=True, help="dataset folder")
     train_aux.add_argument("--out", required=True, help="output model folder (created)")
-    train_aux.add_argument("--epochs", type=int, default=200, help="most epochs")
-    train_aux.add_argument(
-        "--patience", type=int, default=10, help="epochs without a better valid NDCG@20"
-    )
-    train_aux.add_argument("--batch-size", type=int, default=128, help="samples per step")
-    train_aux.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    train_aux.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
-    train_aux.add_argument("--seed", type=int, default=0, help="random seed")
-    train_aux.add_argument(
-        "--include-history", action="store_true",
-        help="rank the items of the user's history too (default: left out, as SASRec does)",
-    )
-    train_aux.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    train_aux.add_argument(
-        "--threads", type=int, default=1,
-        help="CPU threads while training (one: the model is tiny and threads contend)",
+    add_config_options(train_aux, train_sasrec, {}, skip=("dataset", "ks"))
+    train_aux.add_argument(  # the flag of earlier versions
+        "--include-history", dest="exclude_history", action="store_false",
+        default=argparse.SUPPRESS, help="the same as --no-exclude-history",
     )
     train_aux.set_defaults(handler=_train_aux)
 
 
 def _add_screen(commands) -> None:
+    from .data import SPLITS
+    from .screen import screen
+
     screening = commands.add_parser(
         "screen",
         help="what each reward's exact top-K would give, before any training",
@@ -444,10 +385,9 @@ def _add_screen(commands) -> None:
     )
     screening.add_argument("--data", required=True, help="dataset folder")
     screening.add_argument("--aux", help="a train-aux output folder (SASRec giving p_u)")
-    screening.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    screening.add_argument("--k", type=int, default=10, help="list length")
-    screening.add_argument("--limit", type=int, help="screen the first N samples only")
     screening.add_argument("--out", help="also write screen.json into this folder")
+    add_config_options(screening, screen, {"split": one_of(SPLITS)},
+                       skip=("dataset", "probabilities"))
     screening.set_defaults(handler=_screen)
 
 

@@ -1,28 +1,28 @@
-"""Command-line options made from a configuration dataclass, so that a field is listed once: its
-name gives the flag (``eval_steps`` -> ``--eval-steps``), its type the argument's type, its
-default the shown default, its rule in the configuration's rules the choices, and its entry in
-the class docstring's ``Args:`` section the help."""
+"""Command-line options made from a configuration dataclass or from the function a command calls,
+so that an option is listed once: a field's or keyword parameter's name gives the flag
+(``eval_steps`` -> ``--eval-steps``), its type the argument's type (a ``Literal`` its choices),
+its default the shown default, its rule in the command's rules the choices, and its entry in
+the docstring's ``Args:`` section the help."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
-import os
 import re
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from .config_checks import Rule
 
-__all__ = ["add_config_options", "config_from_args", "docstring_args"]
+__all__ = ["add_config_options", "config_from_args", "docstring_args", "options_from_args"]
 
 
 def add_config_options(
     parser: argparse.ArgumentParser,
-    config: type,
+    config: type | Callable[..., Any],
     rules: Mapping[str, Rule],
     *,
     skip: Collection[str] = (),
@@ -30,25 +30,25 @@ def add_config_options(
     unset: bool = False,
     extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """One option per field of the dataclass ``config`` but those in ``skip``.
+    """One option per field of the dataclass ``config`` (or per parameter of the function
+    ``config``) but those in ``skip``.
 
     ``defaults`` replace field defaults on the command line. ``unset``: every option defaults
     to None whatever the field's default (shown in the help all the same) and none is required,
     for a command whose options are merged over a configuration file. ``extra``: further
     ``add_argument`` keywords per field (a metavar, aliases as ``flags``)."""
     helps = docstring_args(config)
-    hints = typing.get_type_hints(config)
-    for field in dataclasses.fields(config):
-        if field.name in skip:
+    for name, hint, default in _parameters(config):
+        if name in skip:
             continue
-        options = _argument(hints[field.name], field.name)
-        default = (defaults or {}).get(field.name, _default(field))
-        rule = rules.get(field.name)
+        options = _argument(hint, name)
+        default = (defaults or {}).get(name, default)
+        rule = rules.get(name)
         if getattr(rule, "choices", None):
             options["choices"] = rule.choices
-        help_text = helps.get(field.name, "").removesuffix(".")
+        help_text = helps.get(name, "").removesuffix(".")
         if default is not dataclasses.MISSING and default is not None:
-            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             help_text += f" (default: {shown})"
         options["help"] = help_text.replace("%", "%%")
         if unset:
@@ -57,15 +57,36 @@ def add_config_options(
             options["required"] = True
         else:
             options["default"] = default
-        options.update((extra or {}).get(field.name, {}))
-        flags = ["--" + field.name.replace("_", "-"), *options.pop("flags", ())]
-        parser.add_argument(*flags, dest=field.name, **options)
+        options.update((extra or {}).get(name, {}))
+        flags = ["--" + name.replace("_", "-"), *options.pop("flags", ())]
+        parser.add_argument(*flags, dest=name, **options)
 
 
 def config_from_args(config: type, args: argparse.Namespace) -> Any:
     """The ``config`` dataclass of the parsed options that :func:`add_config_options` added."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    return config(**{name: value for name, value in vars(args).items() if name in fields})
+    return config(**options_from_args(config, args))
+
+
+def options_from_args(
+    config: type | Callable[..., Any], args: argparse.Namespace, *, skip: Collection[str] = ()
+) -> dict:
+    """The parsed options of the fields or parameters of ``config`` but those in ``skip``, by
+    name."""
+    names = {name for name, _, _ in _parameters(config)} - set(skip)
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
+def _parameters(config: type | Callable[..., Any]) -> list[tuple[str, Any, Any]]:
+    """``(name, type, default)`` of each field of a dataclass, or of each parameter of a
+    function (``dataclasses.MISSING`` where there is no default)."""
+    hints = typing.get_type_hints(config)
+    if dataclasses.is_dataclass(config):
+        return [(field.name, hints[field.name], _default(field))
+                for field in dataclasses.fields(config)]
+    return [
+        (name, hints.get(name), dataclasses.MISSING if p.default is p.empty else p.default)
+        for name, p in inspect.signature(config).parameters.items()
+    ]
 
 
 def _default(field: dataclasses.Field) -> Any:
@@ -75,19 +96,23 @@ def _default(field: dataclasses.Field) -> Any:
 
 
 def _argument(hint: Any, name: str) -> dict[str, Any]:
-    """``add_argument`` keywords for a field of type ``hint``: a bool is a ``--x / --no-x``
-    switch, a list takes one or more values, ``X | None`` is an ``X``."""
+    """``add_argument`` keywords for a value of type ``hint``: a bool is a ``--x / --no-x``
+    switch, a list or sequence takes one or more values, a ``Literal`` one of its values,
+    ``X | None`` is an ``X``, a union with ``str`` (a path, a device) a string."""
     kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(kinds) == 1:
-        hint = kinds[0]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if len(kinds) == 1:
+            hint = kinds[0]
+        elif str in kinds:
+            return {"type": str}
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float, str):
+    if typing.get_origin(hint) is typing.Literal:
+        return {"type": type(typing.get_args(hint)[0]), "choices": list(typing.get_args(hint))}
+    if typing.get_origin(hint) in (list, Sequence) and typing.get_args(hint)[0] in (int, float, str):
         return {"nargs": "+", "type": typing.get_args(hint)[0]}
     if hint in (int, float, str):
         return {"type": hint}
-    if set(typing.get_args(hint)) == {str, os.PathLike}:
-        return {"type": str}
     raise TypeError(f"option {name}: no command-line form for the type {hint}")
 
 
@@ -95,10 +120,10 @@ _ENTRY = re.compile(r"    (\w+(?:, \w+)*): (.*)")
 _ROLE = re.compile(r":\w+:`(~?)([\w.]+)`")
 
 
-def docstring_args(config: type) -> dict[str, str]:
-    """Field name -> its description in the ``Args:`` section of ``config``'s docstring (an entry
-    ``name: text``, or ``a, b: text`` shared by several fields; continuation lines indented
-    deeper), as plain text: ``literal`` and Sphinx-role markup removed."""
+def docstring_args(config: type | Callable[..., Any]) -> dict[str, str]:
+    """Field or parameter name -> its description in the ``Args:`` section of ``config``'s
+    docstring (an entry ``name: text``, or ``a, b: text`` shared by several names; continuation
+    lines indented deeper), as plain text: ``literal`` and Sphinx-role markup removed."""
     lines = inspect.cleandoc(config.__doc__ or "").splitlines()
     start = lines.index("Args:") + 1 if "Args:" in lines else len(lines)
     entries: dict[str, str] = {}

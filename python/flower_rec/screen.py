@@ -67,9 +67,19 @@ def screen(
     betas: Sequence[float] = SCREEN_BETAS,
     limit: int | None = None,
 ) -> dict[str, dict]:
-    """The metrics of each reward's exact top-``k`` on ``split`` (its first ``limit`` samples),
-    and, given ``probabilities`` (SASRec's p_u of those samples, ``[U, I]``), of SASRec's top-k
-    unguided and guided by the popularity prior at each beta. Returns ``{row label: metrics}``."""
+    """The metrics of each reward's exact top-``k`` on ``split``, and, given ``probabilities``,
+    of SASRec's top-k unguided and guided by the popularity prior at each beta. Returns
+    ``{row label: metrics}``.
+
+    Args:
+        dataset: the dataset to screen.
+        probabilities: SASRec's p_u of the screened samples, ``[U, I]``; None screens the
+            popularity reward alone.
+        split: the split to screen.
+        k: list length.
+        betas: the guidance betas of SASRec's guided rows.
+        limit: screen the first this many samples only; None: all of them.
+    """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     _check_betas(betas)

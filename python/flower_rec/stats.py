@@ -33,12 +33,18 @@ def dataset_stats(
     num_groups: int = 8,
     top: int = 5,
 ) -> dict[str, Any]:
-    """Statistics of ``dataset`` (a :class:`~flower_rec.data.Dataset` or a dataset folder).
+    """Statistics of ``dataset``: items, unique titles, samples per split, history lengths,
+    popularity counts, the equal-size popularity groups
+    (:func:`~flower_rec.data.popularity_groups` of the counts) and ``GH``, their training shares.
 
-    ``counts`` picks the popularity: ``"history"`` (the paper's: occurrences in the training
-    histories) or ``"interactions"`` (each training interaction once); see
-    :func:`~flower_rec.data.popularity_counts`. The groups are
-    :func:`~flower_rec.data.popularity_groups` of those counts; ``GH`` their shares."""
+    Args:
+        dataset: a :class:`~flower_rec.data.Dataset` or a dataset folder.
+        counts: the popularity: history (the paper's: occurrences in the training histories) or
+            interactions (each training interaction once); see
+            :func:`~flower_rec.data.popularity_counts`.
+        num_groups: popularity groups.
+        top: the most popular titles listed.
+    """
     if not isinstance(dataset, Dataset):
         dataset = load_dataset(dataset)
     titles = dataset.titles

@@ -1,16 +1,32 @@
 """The flower-rec command line, end to end on a small synthetic dataset and a tiny model."""
 
 import dataclasses
+import inspect
 import json
 
 import pytest
 
+from flower_rec.auxiliary import train_sasrec
 from flower_rec.cli import build_parser, main
-from flower_rec.cli_options import config_from_args, docstring_args
-from flower_rec.data import load_dataset
+from flower_rec.cli_options import config_from_args, docstring_args, options_from_args
+from flower_rec.data import load_dataset, prepare_amazon, prepare_movielens, prepare_synthetic
 from flower_rec.demo import DemoConfig
+from flower_rec.evaluate import evaluate
 from flower_rec.rq1 import RQ1Config
+from flower_rec.screen import screen
+from flower_rec.stats import dataset_stats
 from flower_rec.training import TrainConfig
+
+#: The commands whose options come from the function they call, each with its required flags.
+FUNCTION_COMMANDS = [
+    (["evaluate", "--data", "d", "--model", "m", "--out", "o"], evaluate),
+    (["train-aux", "--data", "d", "--out", "o"], train_sasrec),
+    (["screen", "--data", "d"], screen),
+    (["stats", "--data", "d"], dataset_stats),
+    (["prepare", "amazon", "--reviews", "r", "--meta", "m", "--out", "o"], prepare_amazon),
+    (["prepare", "movielens", "--path", "p", "--out", "o"], prepare_movielens),
+    (["prepare", "synthetic", "--out", "o"], prepare_synthetic),
+]
 
 
 def test_stats_json(dataset_dir, capsys):
@@ -122,6 +138,32 @@ def test_train_rejects_bad_configuration(dataset_dir, tmp_path, capsys):
 def test_every_option_has_its_help_in_the_docstring(config):
     helps = docstring_args(config)
     assert [f.name for f in dataclasses.fields(config) if not helps.get(f.name)] == []
+
+
+@pytest.mark.parametrize("function", [function for _, function in FUNCTION_COMMANDS])
+def test_every_parameter_has_its_help_in_the_docstring(function):
+    helps = docstring_args(function)
+    assert [name for name in inspect.signature(function).parameters if not helps.get(name)] == []
+
+
+@pytest.mark.parametrize("argv, function", FUNCTION_COMMANDS)
+def test_function_options_default_to_the_function_defaults(argv, function):
+    """Every option not given on the command line is the function's default."""
+    options = options_from_args(function, build_parser().parse_args(argv))
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(function).parameters.items()
+                if parameter.default is not parameter.empty}
+    given = {name: value for name, value in options.items()
+             if name in defaults and "--" + name.replace("_", "-") not in argv}
+    assert len(given) >= 2 and given == {name: defaults[name] for name in given}
+
+
+def test_train_aux_keeps_its_include_history_flag():
+    parser = build_parser()
+    assert parser.parse_args(["train-aux", "--data", "d", "--out", "o"]).exclude_history
+    for flag in ("--include-history", "--no-exclude-history"):
+        args = parser.parse_args(["train-aux", "--data", "d", "--out", "o", flag])
+        assert args.exclude_history is False
 
 
 def test_options_default_to_the_configuration_defaults():

@@ -92,10 +92,9 @@ def train_sasrec(
 ) -> tuple[SASRec, dict[str, Any]]:
     """Trains SASRec on ``dataset.train`` (BCE on the target and one uniform negative per
     sample, Adam) with early stopping on validation NDCG@20: after each epoch the whole catalog
-    is ranked for every valid sample (without the items of its history unless
-    ``exclude_history`` is False, see :func:`~flower_rec.auxiliary.evaluate_sasrec`); training
-    stops after ``patience`` epochs without a new best (or after ``epochs``) and the best
-    weights are restored.
+    is ranked for every valid sample (see :func:`~flower_rec.auxiliary.evaluate_sasrec`);
+    training stops after ``patience`` epochs without a new best (or after ``epochs``) and the
+    best weights are restored.
 
     Returns the model (eval mode) and a JSON-serialisable report: ``config`` (the
     architecture), ``training`` (the arguments), ``epochs`` (one entry per epoch: mean loss,
@@ -103,10 +102,29 @@ def train_sasrec(
     beaten), ``stopped_early``, ``initial_valid`` (the untrained model's metrics),
     ``valid`` (the best model's), ``train_seconds``.
 
-    ``threads``: CPU threads for the call (``torch.set_num_threads``, restored afterwards;
-    None keeps the current setting). One is the default because the model is so small that a
-    second thread gains little (0.64 against 0.77 s per epoch on the default synthetic data) and
-    loses a lot (10-50x) as soon as another process keeps one of the cores busy."""
+    Args:
+        dataset: the dataset to train on.
+        epochs: most epochs.
+        patience: epochs without a better valid NDCG@20 before training stops.
+        batch_size: samples per step.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        seed: initialisation, negatives and data order.
+        max_len: history length the model reads.
+        hidden: hidden size.
+        num_blocks: self-attention blocks.
+        num_heads: attention heads.
+        dropout: dropout rate.
+        ks: the K of the validation HR@K / NDCG@K (20 is always added: it stops training).
+        exclude_history: rank every item but the user's history, as SASRec does; False ranks
+            the history's items too.
+        device: torch device (cpu, cuda).
+        threads: CPU threads while training (torch.set_num_threads, restored afterwards; None
+            keeps the current setting). One by default: the model is so small that a second
+            thread gains little (0.64 against 0.77 s per epoch on the default synthetic data)
+            and loses 10-50x as soon as another process keeps a core busy.
+        progress: a progress bar.
+    """
     _check_arguments(dataset, epochs, batch_size, patience, lr)
     ks = tuple(sorted(set(ks) | {20}))
     config = SASRecConfig(

@@ -165,7 +165,21 @@ def prepare_amazon(
     Both files are streamed (a progress bar each); only the reviews inside the window and the
     titles of their items are kept in memory. Review lines need ``reviewerID``, ``asin`` and
     ``unixReviewTime`` (``overall``, the rating, is optional); metadata lines need ``asin``.
-    ``name`` defaults to the reviews file name without ``.json[.gz]``."""
+
+    Args:
+        reviews: ``<Category>.json[.gz]``.
+        meta: ``meta_<Category>.json[.gz]``.
+        out: the dataset folder to write (created); None: only return the dataset.
+        window_start: first month kept (YYYY-MM); empty or None: no bound.
+        window_end: first month no longer kept; empty or None: no bound.
+        name: the dataset's name; None: the reviews file name without .json[.gz].
+        k_core: the iterative k-core.
+        max_history: most history items of a sample.
+        max_title_words: longest title kept, in words.
+        seed: seed of the item id shuffle.
+        progress: progress bars.
+        log: a function that receives progress lines; None: silent.
+    """
     reviews, meta = Path(reviews), Path(meta)
     start = month_start(window_start) if window_start else None
     end = month_start(window_end) if window_end else None

@@ -44,8 +44,18 @@ def prepare_movielens(
     80/10/10 split; a user's ratings with equal timestamps keep file order. Not used: the time
     window (the whole file is one period) and the title rules (movie titles are short clean
     strings, and the year is part of the title). A rating of a movie missing from the movie
-    file is an error (the two files do not belong together). ``name`` defaults to the folder
-    name."""
+    file is an error (the two files do not belong together).
+
+    Args:
+        path: the unpacked MovieLens folder.
+        out: the dataset folder to write (created); None: only return the dataset.
+        name: the dataset's name; None: the folder name.
+        k_core: the iterative k-core.
+        max_history: most history items of a sample.
+        seed: seed of the item id shuffle.
+        progress: progress bars.
+        log: a function that receives progress lines; None: silent.
+    """
     root = Path(path)
     if (root / "u.data").is_file() and (root / "u.item").is_file():
         ratings_path, movies_path = root / "u.data", root / "u.item"

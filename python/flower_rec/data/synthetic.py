@@ -275,7 +275,17 @@ def prepare_synthetic(
     generative model and its fixed parameters), generated from ``seed`` and run through
     :func:`~flower_rec.data.build_dataset` like the real data (5-core, which may
     remove a few rarely bought items, seeded id shuffle, histories of up to 10 items, temporal
-    80/10/10 split). The same arguments give the same dataset, byte for byte."""
+    80/10/10 split). The same arguments give the same dataset, byte for byte.
+
+    Args:
+        out: the dataset folder to write (created); None: only return the dataset.
+        items: catalog size before the 5-core.
+        users: number of users.
+        seed: random seed.
+        name: the dataset's name.
+        progress: a progress bar.
+        log: a function that receives progress lines; None: silent.
+    """
     world = generate(items=items, users=users, seed=seed, progress=progress)
     dataset = build_dataset(
         name, world.interactions, world.titles(), seed=seed, source="synthetic generator", log=log
