@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import re
 import types
 import typing
@@ -97,7 +98,8 @@ def _default(field: dataclasses.Field) -> Any:
 
 def _argument(hint: Any, name: str) -> dict[str, Any]:
     """``add_argument`` keywords for a value of type ``hint``: a bool is a ``--x / --no-x``
-    switch, a list or sequence takes one or more values, a ``Literal`` one of its values,
+    switch, a list or sequence takes one or more values, a dict a JSON object, a ``Literal`` one
+    of its values,
     ``X | None`` is an ``X``, a union with ``str`` (a path, a device) a string."""
     kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -107,6 +109,8 @@ def _argument(hint: Any, name: str) -> dict[str, Any]:
             return {"type": str}
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is dict:
+        return {"type": _json_object, "metavar": "JSON"}
     if typing.get_origin(hint) is typing.Literal:
         return {"type": type(typing.get_args(hint)[0]), "choices": list(typing.get_args(hint))}
     if typing.get_origin(hint) in (list, Sequence) and typing.get_args(hint)[0] in (int, float, str):
@@ -114,6 +118,16 @@ def _argument(hint: Any, name: str) -> dict[str, Any]:
     if hint in (int, float, str):
         return {"type": hint}
     raise TypeError(f"option {name}: no command-line form for the type {hint}")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object {name: value, ...}")
+    return value
 
 
 _ENTRY = re.compile(r"    (\w+(?:, \w+)*): (.*)")

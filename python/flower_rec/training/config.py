@@ -138,6 +138,11 @@ FIELD_RULES: dict[str, Rule] = {
     "resume": BOOLEAN,
     "tensorboard": BOOLEAN,
     "progress": BOOLEAN,
+    "trainer_options": Rule(
+        "be a mapping of transformers.TrainingArguments option names to values, or None",
+        lambda value: value is None
+        or (isinstance(value, dict) and all(isinstance(name, str) for name in value)),
+    ),
 }
 """The type and range of every :class:`TrainConfig` field, checked before anything runs."""
 
@@ -212,6 +217,12 @@ class TrainConfig:
         resume: continue the run in ``out`` from its newest complete checkpoint.
         tensorboard: also write TensorBoard event files (needs the tensorboard package).
         progress: progress bars.
+        trainer_options: further transformers.TrainingArguments options by name, for what the
+            options above leave open: e.g. ``{"activation_checkpointing": true, "optim":
+            "adamw_torch_fused", "lr_scheduler_type": "cosine", "report_to": "wandb"}`` (a JSON
+            object on the command line; ``gradient_checkpointing`` before transformers 5). One that the options above set
+            (``per_device_train_batch_size`` is ``batch_size``, ...) is refused, as is an
+            unknown one.
     """
 
     data: str | os.PathLike
@@ -260,6 +271,7 @@ class TrainConfig:
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
+    trainer_options: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:

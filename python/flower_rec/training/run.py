@@ -267,12 +267,14 @@ def _has_accelerator() -> bool:
 
 
 def _training_arguments(config: TrainConfig, run_dir: Path):
+    """The Trainer's arguments: those the configuration's fields set, which ``trainer_options``
+    may not change, over our defaults for the rest, which it may (with any other
+    :class:`transformers.TrainingArguments` option)."""
     from transformers import TrainingArguments
 
     accelerated = _has_accelerator()
     early_stopping = config.early_stopping_patience is not None
-
-    return TrainingArguments(
+    from_fields = dict(
         output_dir=str(run_dir / CHECKPOINT_DIR),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -282,7 +284,6 @@ def _training_arguments(config: TrainConfig, run_dir: Path):
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        lr_scheduler_type="linear",
         bf16=config.bf16,
         logging_steps=config.logging_steps,
         logging_strategy="steps",
@@ -300,15 +301,38 @@ def _training_arguments(config: TrainConfig, run_dir: Path):
         greater_is_better=False if early_stopping else None,
         restore_callback_states_from_checkpoint=early_stopping,
         seed=config.seed,
-        report_to="none",
         disable_tqdm=not config.progress,
         remove_unused_columns=False,  # the collator's tensors are not model arguments
+    )
+    defaults = dict(
+        lr_scheduler_type="linear",
+        report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=accelerated,
         use_cpu=not accelerated,  # bf16 autocast on a CPU-only machine needs it said
         ddp_find_unused_parameters=False,
         log_level="warning",
     )
+    extra = config.trainer_options or {}
+    fixed = sorted(set(extra) & set(from_fields))
+    if fixed:
+        raise TrainConfigError(
+            f"trainer_options: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by "
+            "the training configuration's own options (batch_size, epochs, learning_rate, ...)"
+        )
+    known = {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise TrainConfigError(
+            f"trainer_options: unknown transformers.TrainingArguments option(s): "
+            f"{', '.join(map(repr, unknown))}"
+        )
+    try:
+        return TrainingArguments(**{**defaults, **extra, **from_fields})
+    except (ValueError, TypeError) as error:
+        if not extra:
+            raise
+        raise TrainConfigError(f"trainer_options: {error}") from None
 
 
 def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:

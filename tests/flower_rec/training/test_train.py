@@ -373,6 +373,37 @@ def test_gradient_accumulation_and_tensorboard(data_dir, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_trainer_options_reach_the_trainer(data_dir, tmp_path):
+    """Any TrainingArguments option the configuration leaves open: a constant schedule and
+    activation (gradient) checkpointing, under which the on-policy rollout still samples with its
+    KV cache."""
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing"
+                     in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
+    options = {"lr_scheduler_type": "constant", checkpointing: True}
+    run = train(config(data_dir, tmp_path / "run", max_steps=3, warmup_steps=0,
+                       learning_rate=1e-3, trainer_options=options, **FLOWER))
+    lines = [line for line in metric_lines(run) if "loss" in line]
+    assert [line["learning_rate"] for line in lines] == [1e-3] * 3
+    assert all(math.isfinite(line["subtb"]) for line in lines)
+    assert json.loads((run / "train_config.json").read_text())["trainer_options"] == options
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"per_device_train_batch_size": 4}, "per_device_train_batch_size is set by the training "
+                                          "configuration's own options"),
+     ({"gradient_checkpoint": True}, "unknown transformers.TrainingArguments option(s): "
+                                     "'gradient_checkpoint'"),
+     ({"lr_scheduler_type": "no-such-schedule"}, "trainer_options: ")],
+)
+def test_bad_trainer_options_fail_before_the_run_folder_is_made(data_dir, tmp_path, options,
+                                                                message):
+    out = tmp_path / "run"
+    with pytest.raises(TrainConfigError, match="^trainer_options: ") as error:
+        train(config(data_dir, out, trainer_options=options))
+    assert message in str(error.value) and not out.exists()
+
+
 def test_fine_tunes_a_model_from_a_local_path(data_dir, tmp_path):
     base = train(config(data_dir, tmp_path / "base", max_steps=1))
     run = train(config(data_dir, tmp_path / "next", max_steps=2, model=str(base), **FLOWER))

@@ -74,6 +74,9 @@ def bad_values(name: str) -> st.SearchStrategy:
         return st.integers() | st.none() | st.lists(st.integers(), min_size=1, max_size=2)
     if name in ("aux_probabilities", "valid_aux_probabilities"):
         return st.integers() | st.floats() | st.booleans() | st.lists(st.floats(), max_size=2)
+    if name == "trainer_options":
+        return (st.integers() | st.text(max_size=5) | st.booleans() | st.lists(st.text(), max_size=2)
+                | st.dictionaries(st.integers(), st.integers(), min_size=1, max_size=2))
     raise AssertionError(f"no bad values written down for {name}")
 
 
@@ -111,6 +114,9 @@ def good_values(name: str) -> st.SearchStrategy:
         return st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3)
     if name in ("aux_probabilities", "valid_aux_probabilities"):
         return st.none() | st.text(min_size=1, max_size=5) | st.just(len)
+    if name == "trainer_options":
+        return st.none() | st.dictionaries(st.text(max_size=5), st.integers() | st.booleans(),
+                                           max_size=3)
     raise AssertionError(f"no good values written down for {name}")
 
 
