@@ -45,6 +45,8 @@ def dataset_stats(
         num_groups: popularity groups.
         top: the most popular titles listed.
     """
+    if type(top) is not int or top < 0:
+        raise ValueError(f"top must be a non-negative integer, got {top!r}")
     if not isinstance(dataset, Dataset):
         dataset = load_dataset(dataset)
     titles = dataset.titles

@@ -99,3 +99,9 @@ def test_stats_of_video_games():
     assert stats["popularity"]["titles_counted"] == 3751
     text = format_stats(stats)
     assert "GH (train)     0.4810   0.1725   0.1099   0.0795" in text
+
+
+@pytest.mark.parametrize("top", [-1, 1.5, True])
+def test_a_bad_top_is_refused_by_name(top):
+    with pytest.raises(ValueError, match="^top must be a non-negative integer"):
+        dataset_stats("no-dataset-needed", top=top)
