@@ -6,9 +6,12 @@ paper's accuracy, fairness and diversity metrics (:mod:`flower_rec.metrics`); th
 ``flower-rec`` (:mod:`flower_rec.cli`).
 """
 
+import importlib.metadata as _importlib_metadata
 import importlib.util as _importlib_util
 
-__version__ = "0.1.0"
+# flower_rec ships in the flower-ext wheel; reading the version from its metadata keeps one
+# source (pyproject.toml) without importing torch for `flower-rec --version`.
+__version__ = _importlib_metadata.version("flower-ext")
 
 # flower_rec's dependencies are the `rec` extra of the flower-ext wheel, whose core (flower_ext)
 # needs torch, numpy and safetensors only (docs/design.md section 7). Fail at import, naming
@@ -32,4 +35,4 @@ if _missing:
         '(from a checkout: pip install ".[rec]"). The ops alone (import flower_ext) need '
         "only torch, numpy and safetensors."
     )
-del _importlib_util, _missing
+del _importlib_metadata, _importlib_util, _missing

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import __version__
 from .cli_options import add_config_options, config_from_args, options_from_args
 from .config_checks import one_of
 from .data import DatasetError
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune, decode and evaluate LLM recommenders with flow-guided (Flower) "
         "training. Datasets use the Flower/BIGRec folder layout (info/, train/, valid/, test/).",
     )
+    parser.add_argument("--version", action="version", version=f"flower-rec {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(commands)
     _add_prepare(commands)

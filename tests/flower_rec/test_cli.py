@@ -1,11 +1,13 @@
 """The flower-rec command line, end to end on a small synthetic dataset and a tiny model."""
 
 import dataclasses
+import importlib.metadata
 import inspect
 import json
 
 import pytest
 
+import flower_ext
 from flower_rec.auxiliary import train_sasrec
 from flower_rec.cli import build_parser, main
 from flower_rec.cli_options import config_from_args, docstring_args, options_from_args
@@ -92,6 +94,14 @@ def test_evaluate_checks_its_options_before_loading_anything(tmp_path, capsys, o
             "--out", str(tmp_path / "out"), "--mode", "sample", option, value]
     assert main(argv) == 2
     assert problem in capsys.readouterr().err
+
+
+def test_version_is_the_installed_wheel_s(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    version = importlib.metadata.version("flower-ext")
+    assert capsys.readouterr().out.strip() == f"flower-rec {version}"
+    assert flower_ext.__version__ == version
 
 
 def test_help_names_every_command(capsys):
