@@ -4,6 +4,7 @@ the run folder uses."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -84,6 +85,14 @@ _PROBABILITIES = Rule(
     lambda value: value is None or isinstance(value, (Tensor, str, os.PathLike)) or callable(value),
 )
 
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` is saved in train_config.json as it is (resumption compares it)."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError, RecursionError):
+        return False
+
+
 FIELD_RULES: dict[str, Rule] = {
     "data": PATH,
     "out": PATH,
@@ -139,9 +148,11 @@ FIELD_RULES: dict[str, Rule] = {
     "tensorboard": BOOLEAN,
     "progress": BOOLEAN,
     "trainer_options": Rule(
-        "be a mapping of transformers.TrainingArguments option names to values, or None",
-        lambda value: value is None
-        or (isinstance(value, dict) and all(isinstance(name, str) for name in value)),
+        "be a mapping of transformers.TrainingArguments option names to JSON values, or None",
+        lambda value: value is None or (
+            isinstance(value, dict) and all(isinstance(name, str) for name in value)
+            and _is_json(value)
+        ),
     ),
 }
 """The type and range of every :class:`TrainConfig` field, checked before anything runs."""

@@ -75,8 +75,10 @@ def bad_values(name: str) -> st.SearchStrategy:
     if name in ("aux_probabilities", "valid_aux_probabilities"):
         return st.integers() | st.floats() | st.booleans() | st.lists(st.floats(), max_size=2)
     if name == "trainer_options":
+        not_json = st.sampled_from([math.nan, math.inf, (1, 2), {1, 2}, b"x", Path("p")])
         return (st.integers() | st.text(max_size=5) | st.booleans() | st.lists(st.text(), max_size=2)
-                | st.dictionaries(st.integers(), st.integers(), min_size=1, max_size=2))
+                | st.dictionaries(st.integers(), st.integers(), min_size=1, max_size=2)
+                | st.dictionaries(st.text(max_size=3), not_json, min_size=1, max_size=2))
     raise AssertionError(f"no bad values written down for {name}")
 
 
