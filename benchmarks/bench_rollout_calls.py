@@ -22,13 +22,17 @@ rollout each call is made a second time at once, with the same arguments (idempo
 result unused), and timed apart. A first call much slower than its immediate repeat is paying
 to warm the caches after the forward, as any code that ran first would.
 
+``--checks immediate`` reads every status word after its call, as the ops do outside
+:func:`flower_ext.ops.deferred_checks` (the rollout and the replays open that block on CUDA; on
+the CPU both modes are the same): the before and after of the deferred checks on a GPU.
+
 ``--vocab-size`` pads the model's vocabulary (a production tokenizer's 151,936, say): logits,
 masks and the forward's working set grow to that scale around the same catalog.
 
 Usage::
 
     python benchmarks/bench_rollout_calls.py [--batches 20] [--repeats 20] [--threads 1]
-        [--device cpu] [--vocab-size N] [--json OUT]
+        [--device cpu] [--checks deferred] [--vocab-size N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -39,12 +43,14 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 import bench_training_step as training_step_bench
+import flower_rec.loop
 from flower_ext import Trie
 from flower_rec.decoding.runner import status_checks
 from flower_rec.loop import rollout
@@ -89,11 +95,19 @@ class CallRecorder:
                 setattr(Trie, op, method)
 
 
-def tight_loop_seconds(op: str, calls, repeats: int, device: torch.device) -> list[float]:
+def checks(mode: str, device: torch.device):
+    """The status-check context of the rollout and the replays: the bundled one (deferred on
+    CUDA), or none, so that every call reads its own status word."""
+    return status_checks(device) if mode == "deferred" else nullcontext()
+
+
+def tight_loop_seconds(
+    op: str, calls, repeats: int, device: torch.device, mode: str
+) -> list[float]:
     """Each recorded call of ``op`` repeated back to back: the median wall time of its repeats."""
     method = getattr(Trie, op)
     medians = []
-    with status_checks(device):
+    with checks(mode, device):
         for trie, args, kwargs, _ in calls:
             times = []
             for _ in range(repeats):
@@ -105,7 +119,8 @@ def tight_loop_seconds(op: str, calls, repeats: int, device: torch.device) -> li
 
 
 def run_benchmark(
-    batches: int, repeats: int, device: torch.device, vocab_size: int | None = None
+    batches: int, repeats: int, device: torch.device, vocab_size: int | None = None,
+    mode: str = "deferred",
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_rollout_calls_") as folder:
         setup = training_step_bench.build_setup(Path(folder))
@@ -124,14 +139,15 @@ def run_benchmark(
     for index, batch in enumerate(all_batches):
         recorder = CallRecorder()
         generator = torch.Generator(device).manual_seed(index)
-        with recorder.active():
+        with recorder.active(), mock.patch.object(flower_rec.loop, "status_checks",
+                                                  lambda device: checks(mode, device)):
             rollout(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                     trie, eos, generator=generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         for op in OPS:
             calls = recorder.calls[op]
-            tight = tight_loop_seconds(op, calls, repeats, device)
+            tight = tight_loop_seconds(op, calls, repeats, device, mode)
             if index < WARMUP_BATCHES:
                 continue
             in_rollout = [seconds for *_, seconds in calls]
@@ -159,6 +175,7 @@ def run_benchmark(
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": str(device),
+            "status_checks": mode,
             "load_average_at_start": training_step_bench.LOAD_AT_START,
         },
         "ops": {
@@ -197,7 +214,8 @@ def table(result: dict) -> str:
     header = (
         f"{machine['device']} ({machine['cpu']}, {machine['cores']} cores), torch "
         f"{machine['torch']} with {machine['threads']} thread(s), load average "
-        f"{machine['load_average_at_start']:.2f} at the start; tiny model, vocabulary "
+        f"{machine['load_average_at_start']:.2f} at the start, status checks "
+        f"{machine.get('status_checks', 'deferred')}; tiny model, vocabulary "
         f"{setup['vocab']}, {setup['trie_nodes']} trie nodes, batch {setup['batch_size']}; "
         f"median over {setup['batches']} rollouts, each call replayed {setup['repeats']} times."
     )
@@ -210,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="tight-loop runs of each call")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--checks", choices=("deferred", "immediate"), default="deferred",
+                        help="status words read once per rollout on CUDA (deferred, the default) "
+                        "or after every call")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="pad the model's vocabulary to this size (default: the tokenizer's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -221,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(arguments.threads)
     torch.manual_seed(training_step_bench.SEED)
     result = run_benchmark(arguments.batches, arguments.repeats, torch.device(arguments.device),
-                           arguments.vocab_size)
+                           arguments.vocab_size, arguments.checks)
     training_step_bench.write_report("bench_rollout_calls.py", result, table, argv, arguments.json)
     return 0
 
