@@ -15,6 +15,9 @@ until it completes: a session that ends mid-way loses at most the run in progres
     python scripts/ablation.py --out runs/ablation
     python scripts/ablation.py --out runs/ablation --variants sft subtb-masked --seeds 0
 
+``--finished`` reports what is done: the runs of ``--variants`` and ``--seeds`` already finished
+in ``--out`` (the tables, the verdicts and ``report.json``), training and decoding nothing.
+
 ``--data`` runs the same protocol on a dataset folder instead (the Video_Games part of
 docs/ablation.md, with ``--domain video_games``).
 """
@@ -27,7 +30,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, run_demo
+from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, is_finished, run_demo
 from flower_rec.prompts import DOMAINS
 from flower_rec.variants import TRAINING_VARIANTS, variant_options
 
@@ -112,6 +115,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=7.0, help="most epochs per run")
     parser.add_argument("--patience", type=int, default=2, help="early-stopping patience")
     parser.add_argument("--quick", action="store_true", help="a smoke run (60 steps each)")
+    parser.add_argument("--finished", action="store_true",
+                        help="report the runs already finished in --out; train nothing")
     parser.add_argument("--data", help="a dataset folder instead of the synthetic one")
     parser.add_argument("--domain", choices=sorted(DOMAINS), default="items",
                         help="wording of the prompts (items)")
@@ -119,7 +124,12 @@ def main() -> int:
     config = DemoConfig(out=args.out, data=args.data, domain=args.domain, epochs=args.epochs,
                         quick=args.quick,
                         early_stopping_patience=None if args.quick else args.patience)
-    report = run_demo(config, plan(args.variants, args.seeds))
+    variants = plan(args.variants, args.seeds)
+    if args.finished:
+        variants = [v for v in variants if is_finished(Path(args.out) / "runs" / v.name)]
+        if not variants:
+            parser.error(f"no finished run in {args.out}")
+    report = run_demo(config, variants)
     report["verdicts"] = verdicts(report)
     (Path(args.out) / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
     for decoding in DECODINGS:

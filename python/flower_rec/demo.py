@@ -175,6 +175,18 @@ def _train_variant(
     return float(sum(runtimes))
 
 
+def evaluation_path(run: Path, decoding: str) -> Path:
+    """Where a run's metrics with ``decoding`` are kept (a rerun reuses them)."""
+    return Path(run) / f"evaluation-{decoding}.json"
+
+
+def is_finished(run: Path) -> bool:
+    """Whether a run folder holds its final model and its metrics under every decoding."""
+    from .training import is_trained
+
+    return is_trained(run) and all(evaluation_path(run, d).is_file() for d in DECODINGS)
+
+
 def _evaluate_run(run: Path, dataset, decoding: str, config: DemoConfig) -> dict:
     """The run's metrics with ``decoding``, kept in the run folder so a rerun reuses them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,7 +196,7 @@ def _evaluate_run(run: Path, dataset, decoding: str, config: DemoConfig) -> dict
                "seed": config.seed}
     if guided:
         setting.update(guidance=config.guidance, guidance_users=config.guidance_users)
-    path = run / f"evaluation-{decoding}.json"
+    path = evaluation_path(run, decoding)
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved["setting"] == setting:

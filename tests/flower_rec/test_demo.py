@@ -7,7 +7,16 @@ import pytest
 
 from flower_rec.cli import main
 from flower_rec.data import prepare_synthetic
-from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, claim_verdicts, run_demo
+from flower_rec.demo import (
+    COLUMNS,
+    DECODINGS,
+    DemoConfig,
+    Variant,
+    claim_verdicts,
+    evaluation_path,
+    is_finished,
+    run_demo,
+)
 
 
 def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, capsys):
@@ -38,6 +47,10 @@ def test_quick_demo_writes_the_comparison_and_reruns_from_its_results(tmp_path, 
     assert main(quick) == 0
     assert {path: path.stat().st_mtime_ns for path in trained} == trained  # not redone
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+
+    assert all(is_finished(out / "runs" / name) for name in ("sft", "flower"))
+    evaluation_path(out / "runs" / "sft", "sampled-top-k").unlink()
+    assert not is_finished(out / "runs" / "sft")
 
 
 def test_demo_runs_on_a_given_dataset_folder_with_its_own_variants(tmp_path):
