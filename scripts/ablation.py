@@ -32,6 +32,7 @@ from pathlib import Path
 
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, is_finished, run_demo
 from flower_rec.prompts import DOMAINS
+from flower_rec.training import METRICS_FILE
 from flower_rec.variants import TRAINING_VARIANTS, variant_options
 
 #: The order runs are made in: the baseline, then the candidates the fixed-batch fits of
@@ -52,30 +53,48 @@ def plan(names: list[str], seeds: list[int]) -> list[Variant]:
     ]
 
 
-def grouped(report: dict, decoding: str) -> dict[str, list[dict]]:
-    """The rows of one decoding by variant name (seeds folded together)."""
-    groups: dict[str, list[dict]] = defaultdict(list)
+def grouped(report: dict, decoding: str) -> dict[str, dict[str, dict]]:
+    """The rows of one decoding by variant name, then by run (seeds folded together)."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for label, metrics in report["results"].items():
-        name, row_decoding = label.split(", ")
+        run, row_decoding = label.split(", ")
         if row_decoding == decoding:
-            groups[name.rsplit("-seed", 1)[0]].append(metrics)
+            groups[run.rsplit("-seed", 1)[0]][run] = metrics
     return groups
 
 
-def summary_table(report: dict, decoding: str) -> str:
-    """Markdown table of one decoding: a row per variant, mean ± sd over its seeds."""
-    header = "| variant | seeds | " + " | ".join(COLUMNS) + " | train s |"
-    lines = [f"{decoding}:", "", header, "|" + "---|" * (len(COLUMNS) + 3)]
-    for label, rows in grouped(report, decoding).items():
+def kept_epoch(run_dir: Path) -> str:
+    """``kept/run``: the epoch of the lowest validation loss (the model kept) and the last
+    epoch validated, from the run's metrics file; "-" without validation."""
+    lines = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    evaluations = [line for line in lines if "eval_loss" in line]
+    if not evaluations:
+        return "-"
+    best = min(evaluations, key=lambda line: line["eval_loss"])
+    return f"{best['epoch']:.0f}/{evaluations[-1]['epoch']:.0f}"
+
+
+def summary_table(report: dict, decoding: str, out: Path) -> str:
+    """Markdown table of one decoding: a row per variant, mean ± sd over its seeds; guided rows
+    name each seed's beta and form, and "kept epoch" each seed's kept and last epoch."""
+    header = "| variant | seeds | " + " | ".join(COLUMNS) + " | train s | kept epoch |"
+    lines = [f"{decoding}:", "", header, "|" + "---|" * (len(COLUMNS) + 4)]
+    for name, runs in grouped(report, decoding).items():
+        rows = list(runs.values())
         cells = []
-        for name in (*COLUMNS, "train_seconds"):
-            values = [row[name] for row in rows]
-            digits = 0 if name in ("distinct_titles", "train_seconds") else 4
+        for column in (*COLUMNS, "train_seconds"):
+            values = [row[column] for row in rows]
+            digits = 0 if column in ("distinct_titles", "train_seconds") else 4
             cell = f"{statistics.fmean(values):.{digits}f}"
             if len(values) > 1:
                 cell += f" ± {statistics.stdev(values):.{digits}f}"
             cells.append(cell)
-        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+        label = name
+        if decoding == "guided-beam":
+            label += " (beta " + ", ".join(
+                f"{row['guidance']['beta']:g} {row['guidance']['form']}" for row in rows) + ")"
+        epochs = ", ".join(kept_epoch(out / "runs" / run) for run in runs)
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + f" | {epochs} |")
     return "\n".join(lines)
 
 
@@ -84,10 +103,11 @@ def verdicts(report: dict) -> list[str]:
     lines = []
     for decoding in DECODINGS:
         groups = grouped(report, decoding)
-        sft = groups.get("sft", [])
-        for name, rows in groups.items():
+        sft = list(groups.get("sft", {}).values())
+        for name, runs in groups.items():
             if name == "sft":
                 continue
+            rows = list(runs.values())
             if len(rows) < 2 or len(sft) < 2:
                 lines.append(f"{decoding}, {name}: undecided ({len(rows)} seed(s) vs SFT's "
                              f"{len(sft)}; the rule needs two or more of each)")
@@ -133,7 +153,7 @@ def main() -> int:
     report["verdicts"] = verdicts(report)
     (Path(args.out) / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
     for decoding in DECODINGS:
-        print(summary_table(report, decoding), end="\n\n")
+        print(summary_table(report, decoding, Path(args.out)), end="\n\n")
     print("\n".join(report["verdicts"]))
     return 0
 
