@@ -99,8 +99,7 @@ def _default(field: dataclasses.Field) -> Any:
 def _argument(hint: Any, name: str) -> dict[str, Any]:
     """``add_argument`` keywords for a value of type ``hint``: a bool is a ``--x / --no-x``
     switch, a list or sequence takes one or more values, a dict a JSON object, a ``Literal`` one
-    of its values,
-    ``X | None`` is an ``X``, a union with ``str`` (a path, a device) a string."""
+    of its values, ``X | None`` is an ``X``, a union with ``str`` (a path, a device) a string."""
     kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if len(kinds) == 1:
