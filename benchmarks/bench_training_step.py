@@ -8,7 +8,7 @@ Usage::
 
 Set-up, as ``flower-rec train`` builds it: the default synthetic dataset
 (``prepare_synthetic(seed=0)`` into a temporary folder), the tiny default model and its BPE
-tokenizer (``TrainConfig`` defaults: hidden 128, 2 layers, 4 heads, a BPE vocabulary of at
+tokenizer (``ModelArguments`` defaults: hidden 128, 2 layers, 4 heads, a BPE vocabulary of at
 most 2,000 tokens, which the synthetic titles fill to 853; built by
 ``flower_rec.training.run._load_model``), the catalog, the encoded training samples and batches of 16
 from ``RecommendationCollator``. The Flower runs use the paper's default reward ``logp_div_s``
@@ -98,7 +98,8 @@ METHODS = {
 
 @dataclass
 class Setup:
-    config: object  # TrainConfig
+    config: object  # FlowerConfig
+    model_config: object  # ModelArguments
     dataset: object
     tokenizer: object
     model: torch.nn.Module  # the initial weights every method starts from
@@ -113,7 +114,12 @@ def build_setup(data_dir: Path) -> Setup:
     from flower_rec.data import load_dataset, prepare_synthetic
     from flower_rec.prompts import build_prompt
     from flower_rec.rewards import PopularityRewards
-    from flower_rec.training import RecommendationCollator, TrainConfig, encode_samples
+    from flower_rec.training import (
+        FlowerConfig,
+        ModelArguments,
+        RecommendationCollator,
+        encode_samples,
+    )
     from flower_rec.training.run import _load_model, _probability_source
 
     prepare_synthetic(data_dir, seed=SEED, progress=False)
@@ -122,24 +128,23 @@ def build_setup(data_dir: Path) -> Setup:
     generator = torch.Generator().manual_seed(SEED)
     scores = torch.randn(len(dataset.train), dataset.num_items, generator=generator)
     table = torch.softmax(scores, dim=1)
-    config = TrainConfig(
-        data=data_dir,
-        out=data_dir / "run",
+    config = FlowerConfig(
+        output_dir=data_dir / "run",
         method="flower",
         reward="logp_div_s",
-        aux_probabilities=table,
-        batch_size=BATCH_SIZE,
+        per_device_train_batch_size=BATCH_SIZE,
         seed=SEED,
-        progress=False,
     )
-    config.validate()
-    model, tokenizer = _load_model(config, dataset, data_dir / "run", saved_tokenizer=False)
+    model_config = ModelArguments()
+    model, tokenizer = _load_model(model_config, config, dataset, data_dir / "run",
+                                   saved_tokenizer=False)
     catalog_prompt = build_prompt([], config.domain)
     from flower_rec.decoding import Catalog
 
     catalog = Catalog.from_titles(dataset.titles, tokenizer, catalog_prompt)
     return Setup(
         config=config,
+        model_config=model_config,
         dataset=dataset,
         tokenizer=tokenizer,
         model=model,
@@ -408,18 +413,18 @@ def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> d
     trie_info: dict[str, dict] = {}
     captured: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
     flower = runs["flower"].objective
-    rollout = flower.rollout
+    trajectories = flower.trajectories  # the step's rollout (all on-policy here)
     rollout_ms: list[float] = []
     current_batch: list[dict] = [{}]
 
-    def capturing_rollout(*args, **kwargs):
+    def capturing_trajectories(*args, **kwargs):
         start = time.perf_counter()
-        actions, lengths = rollout(*args, **kwargs)
+        sample = trajectories(*args, **kwargs)
         rollout_ms.append(1e3 * (time.perf_counter() - start))
-        captured.append((current_batch[0], actions, lengths))
-        return actions, lengths
+        captured.append((current_batch[0], sample.actions, sample.lengths))
+        return sample
 
-    flower.rollout = capturing_rollout
+    flower.trajectories = capturing_trajectories
     flower_step_ms: list[float] = []
     for name in ("flower", "flow_matching"):
         shares: list[float] = []
@@ -442,7 +447,7 @@ def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> d
             "ops_ms": {op: round(value, 4) for op, value in sorted(per_op.items())},
             "calls": dict(sorted(timer.calls.items())),  # of the last instrumented step
         }
-    flower.rollout = rollout
+    flower.trajectories = trajectories
     trie_info["flower"]["rollout_ms"] = statistics.median(rollout_ms)
     trie_info["flower"]["step_ms"] = statistics.median(flower_step_ms)
 
@@ -474,9 +479,9 @@ def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> d
             "train_samples": len(setup.dataset.train),
             "loss_trie_nodes": flower.loss_trie.num_nodes,
             "model": {
-                "hidden": setup.config.tiny_hidden_size,
-                "layers": setup.config.tiny_layers,
-                "heads": setup.config.tiny_heads,
+                "hidden": setup.model_config.tiny_hidden_size,
+                "layers": setup.model_config.tiny_layers,
+                "heads": setup.model_config.tiny_heads,
                 "vocab": len(setup.tokenizer),
                 "parameters": sum(p.numel() for p in setup.model.parameters()),
             },

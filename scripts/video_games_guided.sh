@@ -14,7 +14,7 @@ fi
 data=$1
 out=$2
 resume=()
-[[ -d "$out/sft/checkpoints" ]] && resume=(--resume)
+[[ -f "$out/sft/train_config.json" ]] && resume=(--resume)
 flower-rec train --data "$data" --out "$out/sft" --method sft --domain video_games \
     --epochs 3 --eval-steps 1024 --save-steps 1024 --valid-limit 1000 \
     --early-stopping-patience 2 --seed 0 "${resume[@]}"

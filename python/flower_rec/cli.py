@@ -139,33 +139,54 @@ def _train_aux(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_parser():
+    """``flower-rec train``'s options: :func:`transformers.HfArgumentParser` of the three
+    configuration classes (every field a flag, its help from the field), and ``--config``."""
+    from transformers import HfArgumentParser
+
+    from .training import CONFIG_CLASSES
+
+    parser = HfArgumentParser(
+        CONFIG_CLASSES,
+        prog="flower-rec train",
+        description=TRAIN_DESCRIPTION,
+    )
+    parser.add_argument("--config", help="YAML file of training options (the flags' names, "
+                        "e.g. eval_steps); flags given as well override it")
+    return parser
+
+
+TRAIN_DESCRIPTION = (
+    "Fine-tunes a Hugging Face causal LM (default: a tiny Llama-style model with a BPE tokenizer "
+    "trained on the dataset) on transformers.Trainer. sft is the BIGRec baseline; flower adds "
+    "(1 - theta) x modified sub-trajectory balance on one on-policy trie rollout per sample (or "
+    "teacher-forced flow matching). Every transformers.TrainingArguments option is a flag too "
+    "(--optim, --lr-scheduler-type, --report-to, --gradient-checkpointing, ...). Checkpoints "
+    "every --save-steps; --resume continues an interrupted run. --eval-steps adds the "
+    "validation loss (eval_loss in metrics.jsonl), --early-stopping-patience stops on it and "
+    "keeps the best checkpoint. Options may also come from a YAML file (--config)."
+)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .files import read_yaml
-    from .training import TrainConfig, train
+    from .training import configs_from_options, train
 
+    parser = _training_parser()
+    for action in parser._actions:  # keep only the flags given, to merge them over the file
+        action.default, action.required = argparse.SUPPRESS, False
+    given = vars(parser.parse_args(args.arguments))
     options = {}
-    if args.config:
-        options = read_yaml(args.config)
+    config_file = given.pop("config", None)
+    if config_file:
+        options = read_yaml(config_file)
         if options is None:  # an empty file
             options = {}
         if not isinstance(options, dict):
-            raise ValueError(f"{args.config}: expected a mapping of training options")
-    overrides = {
-        key: value for key, value in vars(args).items()
-        if value is not None and key not in ("command", "handler", "config", "aux")
-    }
-    options.update(overrides)
-    config = TrainConfig.from_dict(options)  # every option's type and range, before any work
-    if args.aux:
-        from .auxiliary import load_sasrec, training_probabilities
-        from .data import load_dataset
-
-        dataset = load_dataset(config.data)
-        aux = load_sasrec(args.aux)
-        config.aux_probabilities = training_probabilities(aux, dataset)
-        if config.eval_steps is not None:  # validation samples have p_u of their own
-            config.valid_aux_probabilities = training_probabilities(aux, dataset, "valid")
-    run = train(config)
+            raise ValueError(f"{config_file}: expected a mapping of training options")
+    options.update(given)
+    model, data, training = configs_from_options(options)
+    run = train(training, data, model)
     print(f"wrote {run}")
     return 0
 
@@ -293,26 +314,10 @@ def _add_stats(commands) -> None:
 
 
 def _add_train(commands) -> None:
-    from .training import FIELD_RULES, TrainConfig
-
+    # The options are parsed by _train (transformers' HfArgumentParser of the configuration
+    # classes), which also answers --help.
     training = commands.add_parser(
-        "train",
-        help="fine-tune a causal LM recommender with SFT or Flower",
-        description="Fine-tunes a Hugging Face causal LM (default: a tiny Llama-style model with "
-        "a BPE tokenizer trained on the dataset) on transformers.Trainer. sft is the BIGRec "
-        "baseline; flower adds (1 - theta) x modified sub-trajectory balance on one on-policy "
-        "trie rollout per sample (or teacher-forced flow matching). Checkpoints every "
-        "--save-steps; --resume continues an interrupted run. --eval-steps adds the validation "
-        "loss (eval_loss in metrics.jsonl), --early-stopping-patience stops on it and keeps the "
-        "best checkpoint. Options may also come from a YAML file (--config; keys are the "
-        "TrainConfig fields, e.g. eval_steps); command-line flags override it.",
-    )
-    training.add_argument("--config", help="YAML file of training options (TrainConfig fields)")
-    training.add_argument("--aux", help="a train-aux output folder (SASRec giving p_u)")
-    add_config_options(
-        training, TrainConfig, FIELD_RULES, unset=True,
-        skip=("aux_probabilities", "valid_aux_probabilities", "lora_target_modules"),
-        extra={"learning_rate": {"flags": ["--lr"]}},
+        "train", help="fine-tune a causal LM recommender with SFT or Flower", add_help=False,
     )
     training.set_defaults(handler=_train)
 
@@ -415,7 +420,11 @@ def _add_rq1(commands) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, arguments = parser.parse_known_args(argv)
+    if arguments and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(arguments)}")
+    args.arguments = arguments
     try:
         return args.handler(args)
     except (DatasetError, FileNotFoundError, OSError, ValueError) as error:

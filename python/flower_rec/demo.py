@@ -117,7 +117,7 @@ DEMO_RULES: dict[str, Rule] = {
 @dataclass(frozen=True)
 class Variant:
     """One fine-tuned model of a comparison; ``name`` is its run folder and its table label,
-    ``options`` its :class:`~flower_rec.training.TrainConfig` options (e.g. a named variant's,
+    ``options`` its :class:`~flower_rec.training.FlowerConfig` options (e.g. a named variant's,
     :func:`flower_rec.variants.variant_options`); the demo's settings fill in the rest."""
 
     name: str
@@ -126,11 +126,11 @@ class Variant:
 
     @property
     def personalised(self) -> bool:
-        """Whether the variant's reward needs p_u (TrainConfig's default reward does)."""
-        from .training import TrainConfig
+        """Whether the variant's reward needs p_u (FlowerConfig's default reward does)."""
+        from .training import FlowerConfig
 
         return self.options.get("method") == "flower" and \
-            self.options.get("reward", TrainConfig.reward) != "logp"
+            self.options.get("reward", FlowerConfig.reward) != "logp"
 
 
 def _train_aux(data: Path, out: Path, config: DemoConfig):
@@ -153,23 +153,28 @@ def _train_variant(
     """Trains one variant (on ``data``, ``num_train`` training samples) unless its run is
     complete; returns the training seconds of the run (read back from its metrics when it was
     trained before)."""
-    from .training import TrainConfig, epoch_protocol, is_trained, train
+    from .training import DataArguments, FlowerConfig, epoch_protocol, is_trained, train
 
     if not is_trained(run):
         protocol: dict[str, Any] = {"save_steps": 200}
         if config.early_stopping_patience is not None:
             protocol = epoch_protocol(
-                num_train, variant.options.get("batch_size", TrainConfig.batch_size),
+                num_train, variant.options.get("per_device_train_batch_size",
+                                               FlowerConfig.per_device_train_batch_size),
                 config.early_stopping_patience, config.valid_limit,
             )
-            if variant.personalised:
-                protocol["valid_aux_probabilities"] = probabilities["valid"]
-        train(TrainConfig(
-            data=data, out=run, domain=config.domain,
+        evaluates = config.early_stopping_patience is not None
+        train(
+            FlowerConfig(
+                output_dir=run, domain=config.domain, num_train_epochs=config.epochs,
+                max_steps=config.max_steps, seed=variant.seed, resume=run.exists(),
+                **protocol, **variant.options,
+            ),
+            DataArguments(data=data),
             aux_probabilities=probabilities["train"] if variant.personalised else None,
-            epochs=config.epochs, max_steps=config.max_steps, seed=variant.seed,
-            resume=run.exists(), **protocol, **variant.options,
-        ))
+            valid_aux_probabilities=(probabilities["valid"]
+                                     if variant.personalised and evaluates else None),
+        )
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     runtimes = [json.loads(line)["train_runtime"] for line in lines if "train_runtime" in line]
     return float(sum(runtimes))

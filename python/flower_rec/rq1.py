@@ -182,18 +182,19 @@ RQ1_RULES: dict[str, Rule] = {
 
 def _train_run(config: RQ1Config, variant: str, seed: int, data: Path, counts: Path,
                run: Path, num_train: int) -> None:
-    from .training import TrainConfig, epoch_protocol, is_trained, train
+    from .training import DataArguments, FlowerConfig, epoch_protocol, is_trained, train
 
     if is_trained(run):
         return
     protocol = epoch_protocol(num_train, config.batch_size, config.patience, config.valid_limit)
-    train(TrainConfig(
-        data=data, out=run, domain=DOMAIN, reward="logp", reward_counts=str(counts),
-        epochs=config.epochs, batch_size=config.batch_size, **protocol,
+    train(FlowerConfig(
+        output_dir=run, domain=DOMAIN, reward="logp", reward_counts=str(counts),
+        num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, **protocol,
         logging_steps=max(1, protocol["eval_steps"] // 10), seed=seed,
-        resume=(run / "train_config.json").is_file(), progress=config.progress,
+        resume=(run / "train_config.json").is_file(), disable_tqdm=not config.progress,
         **variant_options(variant),
-    ))
+    ), DataArguments(data=data))
 
 
 def _evaluate_run(rq1: RQ1Data, run: Path, seed: int) -> dict:

@@ -1,5 +1,5 @@
 """The training variants compared in docs/ablation.md and by ``flower-rec rq1``, by name: each
-is a set of :class:`flower_rec.training.TrainConfig` options on top of a run's shared settings.
+is a set of :class:`flower_rec.training.FlowerConfig` options on top of a run's shared settings.
 
 - ``sft``: the BIGRec baseline.
 - ``subtb``: the paper's objective (on-policy SubTB of the full-vocabulary policy, theta 0.9995).
@@ -45,7 +45,7 @@ TRAINING_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def variant_options(name: str) -> dict[str, Any]:
-    """The :class:`~flower_rec.training.TrainConfig` options of variant ``name``."""
+    """The :class:`~flower_rec.training.FlowerConfig` options of variant ``name``."""
     try:
         return dict(TRAINING_VARIANTS[name])
     except KeyError:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 import flower_ext
+from flower_rec import training
 from flower_rec.auxiliary import train_sasrec
 from flower_rec.cli import build_parser, main
 from flower_rec.cli_options import config_from_args, docstring_args, options_from_args
@@ -17,7 +18,7 @@ from flower_rec.evaluate import evaluate
 from flower_rec.rq1 import RQ1Config
 from flower_rec.screen import screen
 from flower_rec.stats import dataset_stats
-from flower_rec.training import TrainConfig
+from flower_rec.training import CONFIG_CLASSES, FlowerConfig
 
 #: The commands whose options come from the function they call, each with its required flags.
 FUNCTION_COMMANDS = [
@@ -116,15 +117,17 @@ def test_train_from_yaml_with_overrides_then_evaluate(dataset_dir, tmp_path):
     """`train` reads a YAML config, flags override it, and the run folder evaluates offline."""
     config = tmp_path / "run.yaml"
     config.write_text(
-        f"data: {dataset_dir}\nmethod: sft\nmax_steps: 50\nbatch_size: 4\nprogress: false\n"
+        f"data: {dataset_dir}\nmethod: sft\nmax_steps: 50\nper_device_train_batch_size: 4\n"
+        "disable_tqdm: true\n"
         "tiny_hidden_size: 32\ntiny_layers: 1\ntiny_heads: 2\ntiny_vocab_size: 400\n"
     )
     run = tmp_path / "run"
     args = ["train", "--config", str(config), "--out", str(run), "--method", "flower",
             "--reward", "logp", "--max-steps", "2", "--save-steps", "1"]
     assert main(args) == 0
-    saved = json.loads((run / "train_config.json").read_text())
-    assert (saved["method"], saved["max_steps"], saved["batch_size"]) == ("flower", 2, 4)
+    saved = json.loads((run / "train_config.json").read_text())["training"]
+    assert (saved["method"], saved["max_steps"], saved["per_device_train_batch_size"]) == \
+        ("flower", 2, 4)
     assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
 
     out = tmp_path / "eval"
@@ -144,10 +147,15 @@ def test_train_rejects_bad_configuration(dataset_dir, tmp_path, capsys):
     assert "theta" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", [TrainConfig, DemoConfig, RQ1Config])
+@pytest.mark.parametrize("config", [DemoConfig, RQ1Config])
 def test_every_option_has_its_help_in_the_docstring(config):
     helps = docstring_args(config)
     assert [f.name for f in dataclasses.fields(config) if not helps.get(f.name)] == []
+
+
+@pytest.mark.parametrize("config", CONFIG_CLASSES)
+def test_every_training_option_has_its_help(config):
+    assert [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")] == []
 
 
 @pytest.mark.parametrize("function", [function for _, function in FUNCTION_COMMANDS])
@@ -181,7 +189,25 @@ def test_options_default_to_the_configuration_defaults():
     assert config_from_args(DemoConfig, parser.parse_args(["demo"])) == DemoConfig()
     args = parser.parse_args(["rq1", "--data", "d", "--out", "o"])
     assert config_from_args(RQ1Config, args) == RQ1Config("d", "o")
-    args = parser.parse_args(["train", "--lr", "0.1", "--no-progress", "--max-steps", "3"])
-    given = {key: value for key, value in vars(args).items() if value is not None}
-    assert given == {"command": "train", "handler": given["handler"], "learning_rate": 0.1,
-                     "progress": False, "max_steps": 3}
+
+
+def test_train_flags_and_their_old_names_reach_the_configuration(monkeypatch, capsys):
+    """`flower-rec train` takes every FlowerConfig option (TrainingArguments' own included) and
+    the flags of before (--out, --epochs, --batch-size, --lr); options not given keep
+    FlowerConfig's defaults."""
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda args, data, model: seen.update(
+        args=args, data=data, model=model) or args.output_dir)
+    assert main(["train", "--data", "d", "--out", "o", "--lr", "0.1", "--epochs", "2",
+                 "--batch-size", "4", "--max-steps", "3", "--optim", "sgd", "--method", "flower",
+                 "--lora", "--lora-target-modules", "q_proj", "v_proj"]) == 0
+    assert capsys.readouterr().out == "wrote o\n"
+    args, data, model = seen["args"], seen["data"], seen["model"]
+    assert (args.output_dir, args.learning_rate, args.num_train_epochs,
+            args.per_device_train_batch_size, args.max_steps, args.optim, args.method) == \
+        ("o", 0.1, 2.0, 4, 3, "sgd", "flower")
+    assert (data.data, model.lora, model.lora_target_modules) == ("d", True, ["q_proj", "v_proj"])
+    defaults = FlowerConfig(output_dir="o")
+    for name in ("theta", "reward", "warmup_steps", "logging_steps", "save_steps", "seed",
+                 "save_total_limit", "report_to", "remove_unused_columns"):
+        assert getattr(args, name) == getattr(defaults, name), name

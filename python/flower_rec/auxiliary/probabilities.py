@@ -1,6 +1,6 @@
 """p_u of docs/method.md section 3.2 from a trained SASRec: :func:`item_probabilities` for a
 list of samples, and :func:`training_probabilities`, the per-batch source that training
-(``TrainConfig.aux_probabilities``) and the demo take."""
+(:func:`flower_rec.training.train`'s ``aux_probabilities``) and the demo take."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def item_probabilities(
 
 def training_probabilities(model: SASRec, dataset: Dataset, split: str = "train"):
     """p_u of the samples of ``split`` as a function of sample indices, the form
-    ``TrainConfig.aux_probabilities`` takes (``valid_aux_probabilities`` with ``split="valid"``):
+    :func:`flower_rec.training.train`'s ``aux_probabilities`` takes (``valid_aux_probabilities`` with ``split="valid"``):
     computed per batch, so the [samples, items] table is never held in memory."""
     samples = dataset.split(split)
 

@@ -1,17 +1,23 @@
 """Fine-tuning an LLM recommender: SFT (the BIGRec baseline) and Flower (docs/method.md section 3),
 on :class:`transformers.Trainer`.
 
-``train(TrainConfig(data=..., out=..., method="sft" | "flower"))`` trains and returns the run
-folder::
+The configuration follows TRL's layout: :class:`FlowerConfig` is
+:class:`transformers.TrainingArguments` with the method's own options, beside
+:class:`ModelArguments` and :class:`DataArguments`::
 
-    RUN/train_config.json        the configuration (JSON)
+    train(FlowerConfig(output_dir=RUN, method="flower", num_train_epochs=3),
+          DataArguments(data=DATA, aux=SASREC), ModelArguments(model="Qwen/Qwen3-0.6B"))
+
+trains and returns the run folder ``RUN`` (``output_dir``)::
+
+    RUN/train_config.json        the configuration: its model, data and training sections (JSON)
     RUN/metrics.jsonl            one line per Trainer log: step, loss, sft, subtb | flow_matching, ...;
                                  with ``eval_steps``, also eval_loss, eval_sft, eval_subtb | ...
     RUN/config.json, model.safetensors, tokenizer files      the final model (save_pretrained;
                                  a LoRA run is merged into its base model), what `evaluate` loads;
                                  with early stopping, the checkpoint of the best eval_loss
-    RUN/checkpoints/checkpoint-N Trainer checkpoints (model, optimizer, scheduler, RNG states)
-    RUN/tensorboard/             with ``tensorboard=True``
+    RUN/checkpoint-N             Trainer checkpoints (model, optimizer, scheduler, RNG states);
+                                 runs made before FlowerConfig keep theirs in RUN/checkpoints/
 
 Because the loss lives in :meth:`FlowerTrainer.compute_loss`, the same code runs on one CPU, one
 GPU and several GPUs under ``torchrun`` / ``accelerate launch`` (DDP), and checkpoints and
@@ -24,8 +30,10 @@ state file missing or cut short, as a kill while it is written leaves it, is pas
 warning and overwritten when the run gets there again), to the step the uninterrupted run stops
 at and the same metrics file, also from a folder that has moved. The files the run writes
 (train_config.json, metrics.jsonl, the final model and tokenizer) are replaced atomically, each
-its old or its new version; the configuration is checked (:data:`FIELD_RULES`) before anything
-runs.
+its old or its new version; the configuration is checked (:data:`FIELD_RULES`) when it is made,
+before anything runs. A resumption refuses a configuration whose :data:`SHAPING_OPTIONS` differ
+from the saved one (a ``train_config.json`` of the flat configuration before FlowerConfig is
+read by its old names).
 
 One tokenisation of every item (docs/method.md section 5, pitfall 3): :func:`flower_rec.prompts.item_token_sequences`
 gives the tokens of ``title + "\\n"`` after the prompt. The SFT target is those tokens then EOS;
@@ -68,15 +76,21 @@ evaluations and restores the best checkpoint (transformers' EarlyStoppingCallbac
 from __future__ import annotations
 
 from .config import (
+    CONFIG_CLASSES,
     CONFIG_FILE,
     FIELD_RULES,
     FLOW_LOSSES,
+    LEGACY_NAMES,
     METHODS,
     METRICS_FILE,
     POLICIES,
     ROLLOUTS,
-    TrainConfig,
+    SHAPING_OPTIONS,
+    DataArguments,
+    FlowerConfig,
+    ModelArguments,
     TrainConfigError,
+    configs_from_options,
     epoch_protocol,
 )
 from .objective import FlowerObjective, LossTerms, rollout_seed
@@ -85,20 +99,26 @@ from .samples import RecommendationCollator, encode_samples
 from .trainer import FlowerTrainer, MetricsFileCallback
 
 __all__ = [
+    "CONFIG_CLASSES",
     "CONFIG_FILE",
+    "DataArguments",
     "FIELD_RULES",
     "FLOW_LOSSES",
+    "LEGACY_NAMES",
     "METHODS",
     "POLICIES",
     "ROLLOUTS",
     "METRICS_FILE",
+    "SHAPING_OPTIONS",
+    "FlowerConfig",
     "FlowerObjective",
     "FlowerTrainer",
     "LossTerms",
     "MetricsFileCallback",
+    "ModelArguments",
     "RecommendationCollator",
-    "TrainConfig",
     "TrainConfigError",
+    "configs_from_options",
     "encode_samples",
     "epoch_protocol",
     "is_trained",

@@ -1,18 +1,20 @@
-"""The training configuration: :class:`TrainConfig`, the rule of every field, and the names
-the run folder uses."""
+"""The training configuration, after TRL's layout: :class:`FlowerConfig` is
+:class:`transformers.TrainingArguments` with the method's own options and our defaults,
+:class:`ModelArguments` the model to fine-tune, :class:`DataArguments` the data; the rule of
+every option, checked when a configuration is made; the names the run folder uses."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
+from transformers import TrainingArguments
 
 from ..config_checks import (
     BOOLEAN,
@@ -36,9 +38,9 @@ POLICIES = ("full", "masked")
 ROLLOUTS = ("ours", "published")
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-# Fields that may differ between a run and its resumption (the run folder may have moved).
-RESUMABLE_FIELDS = ("out", "resume", "progress", "tensorboard")
+LEGACY_CHECKPOINT_DIR = "checkpoints"
+"""Where runs made before :class:`FlowerConfig` kept their checkpoints (the Trainer's output
+folder was then ``RUN/checkpoints``; it is the run folder now): a resumption finds them there."""
 
 PUBLISHED_ROLLOUT_NEEDS = (
     "flow_loss 'subtb', policy 'full', leakage_weight 0, off_policy_share 0, "
@@ -57,7 +59,7 @@ def published_rollout_fits(
 
 
 def epoch_protocol(num_samples: int, batch_size: int, patience: int, valid_limit: int) -> dict:
-    """The paper's training protocol as :class:`TrainConfig` options, for ``num_samples``
+    """The paper's training protocol as :class:`FlowerConfig` options, for ``num_samples``
     training samples in batches of ``batch_size``: the validation loss (on the first
     ``valid_limit`` valid samples) and a checkpoint every epoch, early stopping after
     ``patience`` epochs without a lower validation loss, the best epoch kept as the model."""
@@ -71,47 +73,35 @@ ProbabilitySource = Callable[[Tensor], Tensor]
 validation split for the validation source) -> ``p_u [B, I]``."""
 
 
-
 class TrainConfigError(ValueError):
-    """A training configuration that cannot run (the message says which field and why)."""
+    """A training configuration that cannot run (the message says which option and why)."""
 
 
 _POSITIVE = number(0, above=True, must="be a positive number")
 _NON_NEGATIVE = number(0, must="be a non-negative number")
-_COUNT = COUNT
-_OPTIONAL_COUNT = optional(_COUNT)
-_PROBABILITIES = Rule(
-    "be a tensor, a .pt / .safetensors file, a callable or None",
-    lambda value: value is None or isinstance(value, (Tensor, str, os.PathLike)) or callable(value),
-)
-
-def _is_json(value: Any) -> bool:
-    """Whether ``value`` is saved in train_config.json as it is (resumption compares it)."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False)) == value
-    except (TypeError, ValueError, RecursionError):
-        return False
-
+_OPTIONAL_COUNT = optional(COUNT)
 
 FIELD_RULES: dict[str, Rule] = {
-    "data": PATH,
-    "out": PATH,
-    "method": one_of(METHODS),
+    # ModelArguments
     "model": optional(PATH),
-    "tiny_hidden_size": _COUNT,
-    "tiny_layers": _COUNT,
-    "tiny_heads": _COUNT,
-    "tiny_vocab_size": _COUNT,
+    "tiny_hidden_size": COUNT,
+    "tiny_layers": COUNT,
+    "tiny_heads": COUNT,
+    "tiny_vocab_size": COUNT,
     "lora": BOOLEAN,
-    "lora_r": _COUNT,
+    "lora_r": COUNT,
     "lora_alpha": _POSITIVE,
     "lora_dropout": number(0, 1, below=True, must="lie in [0, 1)"),
     "lora_target_modules": Rule(
-        "be a module name or a list of them",
-        lambda value: isinstance(value, str)
-        or (isinstance(value, list) and all(isinstance(name, str) for name in value)),
+        "be a non-empty list of module names",
+        lambda value: isinstance(value, list) and len(value) > 0
+        and all(isinstance(name, str) for name in value),
     ),
-    "bf16": BOOLEAN,
+    # DataArguments
+    "data": PATH,
+    "aux": optional(PATH),
+    # FlowerConfig: the method's own options
+    "method": one_of(METHODS),
     "theta": number(0, 1, must="lie in [0, 1]"),
     "reward": one_of(REWARD_VARIANTS),
     "flow_loss": one_of(FLOW_LOSSES),
@@ -122,203 +112,211 @@ FIELD_RULES: dict[str, Rule] = {
     "rollout": one_of(ROLLOUTS),
     "reward_counts": optional(PATH),
     "floor_count": _POSITIVE,
-    "aux_probabilities": _PROBABILITIES,
-    "valid_aux_probabilities": _PROBABILITIES,
     "domain": one_of(sorted(DOMAINS)),
     "max_prompt_tokens": _OPTIONAL_COUNT,
+    "valid_limit": _OPTIONAL_COUNT,
+    "early_stopping_patience": _OPTIONAL_COUNT,
+    "resume": BOOLEAN,
+    # FlowerConfig: TrainingArguments' options whose values TrainingArguments takes unchecked
+    # (an infinite learning rate, a batch of 8.0, a YAML "false")
+    "output_dir": PATH,
     "learning_rate": _POSITIVE,
     "warmup_steps": integer(0),
     "weight_decay": _NON_NEGATIVE,
     "max_grad_norm": number(0, must="be a non-negative number (0: no clipping)"),
-    "epochs": _NON_NEGATIVE,
+    "num_train_epochs": _NON_NEGATIVE,
     "max_steps": Rule(
-        "be a positive integer, or -1 to train for `epochs`",
-        lambda value: _COUNT.accepts(value) or (type(value) is int and value == -1),
+        "be a positive integer, or -1 to train for `num_train_epochs`",
+        lambda value: COUNT.accepts(value) or (type(value) is int and value == -1),
     ),
-    "batch_size": _COUNT,
-    "gradient_accumulation_steps": _COUNT,
-    "save_steps": _COUNT,
+    "per_device_train_batch_size": COUNT,
+    "per_device_eval_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT,
+    "save_steps": COUNT,
     "save_total_limit": _OPTIONAL_COUNT,
-    "logging_steps": _COUNT,
+    "logging_steps": COUNT,
     "eval_steps": _OPTIONAL_COUNT,
-    "valid_limit": _OPTIONAL_COUNT,
-    "early_stopping_patience": _OPTIONAL_COUNT,
     "seed": SEED,
-    "resume": BOOLEAN,
-    "tensorboard": BOOLEAN,
-    "progress": BOOLEAN,
-    "trainer_options": Rule(
-        "be a mapping of transformers.TrainingArguments option names to JSON values, or None",
-        lambda value: value is None or (
-            isinstance(value, dict) and all(isinstance(name, str) for name in value)
-            and _is_json(value)
-        ),
-    ),
+    "bf16": BOOLEAN,
 }
-"""The type and range of every :class:`TrainConfig` field, checked before anything runs."""
+"""The type and range of the options (by name, across the three classes), checked when a
+configuration is made."""
+
+SHAPING_OPTIONS = (
+    # the validation loss is a per-sample mean whatever the evaluation batch
+    *(name for name in FIELD_RULES
+      if name not in ("output_dir", "resume", "per_device_eval_batch_size")),
+    "lr_scheduler_type", "optim", "aux_probabilities", "valid_aux_probabilities",
+)
+"""The options a run cannot change when it resumes: those that shape the trained model."""
 
 
-# ---------------------------------------------------------------------------------------------
-# configuration
+def _check(config: Any, names: list[str]) -> None:
+    problem = first_problem({name: getattr(config, name) for name in names},
+                            {name: FIELD_RULES[name] for name in names})
+    if problem:
+        raise TrainConfigError(problem)
+
+
+def _option(default: Any, description: str, **metadata: Any) -> Any:
+    """A dataclass field with its command-line help (and ``choices`` / ``aliases``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": description, **metadata})
+    return field(default=default, metadata={"help": description, **metadata})
+
+
+def _choices(name: str) -> dict[str, Any]:
+    return {"choices": list(FIELD_RULES[name].choices)}
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run depends on (saved as ``train_config.json`` in the run folder).
+class ModelArguments:
+    """The model to fine-tune (``train_config.json``'s ``model`` section)."""
 
-    Args:
-        data: dataset folder (:func:`flower_rec.data.load_dataset`).
-        out: the run folder.
-        method: ``"sft"`` (BIGRec) or ``"flower"``.
-        model: a Hugging Face causal LM, local path or hub id; None builds the embedded tiny
-            Llama-style model with a BPE tokenizer trained on the dataset's text.
-        tiny_hidden_size, tiny_layers, tiny_heads, tiny_vocab_size: size of that tiny model.
-        lora: train LoRA adapters (peft) instead of every weight; the saved model is merged.
-        lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA configuration.
-        bf16: bfloat16 mixed precision (the Trainer's autocast; weights stay float32).
-        theta: weight of SFT in ``theta * SFT + (1 - theta) * flow`` (flower only).
-        reward: ``logp``, ``logp_div_s`` (the paper's default; needs ``aux_probabilities``) or
-            ``logp_add_logs`` (needs them too); see :mod:`flower_rec.rewards`.
-        flow_loss: ``subtb`` (on-policy sub-trajectory balance, the paper's) or
-            ``flow_matching`` (teacher-forced on the target path, no sampling).
-        policy: ``full`` (the full-vocabulary softmax, the paper's) or ``masked`` (π
-            renormalised over the trie children; no free termination term, no leak).
-        leakage_weight: lambda of the conservative penalty: the flow loss gets
-            ``lambda * (-log sum over the trie children of π)`` at its states (0: none).
-        off_policy_share: share of the SubTB trajectories drawn exactly from each user's
-            R_u / Z_u instead of the model (0: all on-policy, the paper's).
-        rollout_temperature: temperature of the on-policy rollouts (1: the paper's).
-        rollout: ``ours`` (the method) or ``published``: the released code's SubTB step,
-            reproduced for parity (:mod:`flower_rec.training.published`: context-free
-            forwards after the prompt, right padding without a mask, "\\n" as the termination
-            token, the personalised division along the sampled path). Needs the subtb flow
-            loss, the full policy, no penalty or off-policy share and the reward ``logp`` or
-            ``logp_div_s``. Not a recommended setting.
-        reward_counts: JSON ``{title: count}`` to use as the popularity of the rewards instead
-            of the training-history counts (e.g. a target distribution); None: history counts.
-        floor_count: popularity count of titles never seen in a training history.
-        aux_probabilities: ``p_u`` of every training sample, ``[num_train_samples, I]``: a
-            tensor, a file (``.pt`` holding a tensor, or ``.safetensors`` holding one tensor), or
-            a callable mapping sample indices ``[B]`` to ``[B, I]``.
-        valid_aux_probabilities: the same for the validation samples, ``[num_valid_samples,
-            I]``; needed by validation (``eval_steps``) with a personalised reward.
-        domain: wording of the prompt (:data:`flower_rec.prompts.DOMAINS`); evaluate with the
-            same.
-        max_prompt_tokens: prompt cutoff (the paper's 512): longer prompts drop their oldest
-            history titles, whole, until they fit (:func:`flower_rec.prompts.fit_prompts`), in
-            training and validation alike; None keeps every prompt whole.
-        learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW and its schedule
-            (linear decay after the warm-up); ``max_grad_norm`` 0 clips no gradient.
-        epochs: training epochs.
-        max_steps: stop after this many optimizer steps; > 0 overrides ``epochs`` (-1: train
-            for ``epochs``).
-        batch_size: samples per device per forward.
-        gradient_accumulation_steps: forwards per optimizer step.
-        save_steps: a checkpoint every this many optimizer steps.
-        save_total_limit: keep the newest this many checkpoints (None keeps all).
-        logging_steps: a metrics line every this many optimizer steps.
-        eval_steps: the validation loss every this many optimizer steps (and at the last step);
-            None: no validation.
-        valid_limit: validate on the first this many validation samples only (a validation
-            pass costs a rollout per sample); None: all of them.
-        early_stopping_patience: stop when eval_loss has not improved for this many
-            evaluations in a row and keep the best checkpoint as the final model; needs
-            ``eval_steps``, and ``save_steps`` a multiple of it. None: train to the end.
-        seed: model initialisation, data order and rollouts.
-        resume: continue the run in ``out`` from its newest complete checkpoint.
-        tensorboard: also write TensorBoard event files (needs the tensorboard package).
-        progress: progress bars.
-        trainer_options: further transformers.TrainingArguments options by name, for what the
-            options above leave open: e.g. ``{"activation_checkpointing": true, "optim":
-            "adamw_torch_fused", "lr_scheduler_type": "cosine", "report_to": "wandb"}`` (a JSON
-            object on the command line; ``gradient_checkpointing`` before transformers 5). One that the options above set
-            (``per_device_train_batch_size`` is ``batch_size``, ...) is refused, as is an
-            unknown one.
-    """
+    model: str | None = _option(
+        None, "a Hugging Face causal LM, local path or hub id; none builds the embedded tiny "
+        "Llama-style model with a BPE tokenizer trained on the dataset's text")
+    tiny_hidden_size: int = _option(128, "hidden size of the tiny model")
+    tiny_layers: int = _option(2, "layers of the tiny model")
+    tiny_heads: int = _option(4, "attention heads of the tiny model")
+    tiny_vocab_size: int = _option(2000, "BPE vocabulary of the tiny model's tokenizer")
+    lora: bool = _option(False, "train LoRA adapters (peft) instead of every weight; the saved "
+                         "model is merged")
+    lora_r: int = _option(8, "LoRA rank")
+    lora_alpha: float = _option(16, "LoRA alpha")
+    lora_dropout: float = _option(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = _option(
+        ["all-linear"], "the modules LoRA adapts (peft's target_modules; all-linear: every "
+        "linear layer but the output head)")
 
-    data: str | os.PathLike
-    out: str | os.PathLike
-    method: str = "sft"
-    model: str | None = None
-    tiny_hidden_size: int = 128
-    tiny_layers: int = 2
-    tiny_heads: int = 4
-    tiny_vocab_size: int = 2000
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: str | list[str] = "all-linear"
-    bf16: bool = False
-    theta: float = 0.9995
-    reward: str = "logp_div_s"
-    flow_loss: str = "subtb"
-    policy: str = "full"
-    leakage_weight: float = 0.0
-    off_policy_share: float = 0.0
-    rollout_temperature: float = 1.0
-    rollout: str = "ours"
-    reward_counts: str | None = None
-    floor_count: float = DEFAULT_FLOOR_COUNT
-    aux_probabilities: Any = None
-    valid_aux_probabilities: Any = None
-    domain: str = "items"
-    max_prompt_tokens: int | None = None
-    learning_rate: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    valid_limit: int | None = None
-    early_stopping_patience: int | None = None
-    seed: int = 0
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-    trainer_options: dict[str, Any] | None = None
+    def __post_init__(self):
+        _check(self, [f.name for f in dataclasses.fields(self)])
+        if self.tiny_hidden_size % self.tiny_heads:
+            raise TrainConfigError(f"tiny_hidden_size {self.tiny_hidden_size} is not a multiple "
+                                   f"of tiny_heads {self.tiny_heads}")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """From a mapping (a YAML / JSON file); unknown or missing keys and a value of the wrong
-        type or range (:data:`FIELD_RULES`) are errors naming the option."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names, key=str)
-        if unknown:
-            raise TrainConfigError(f"unknown training option(s): {', '.join(map(shown, unknown))}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in values]
-        if missing:
-            flags = ", ".join(f"{name} (--{name})" for name in missing)
-            raise TrainConfigError(f"missing training option(s): {flags}")
-        config = cls(**values)
-        config._check_fields()
-        return config
 
-    @property
-    def needs_probabilities(self) -> bool:
-        return self.method == "flower" and self.reward != "logp"
+@dataclass
+class DataArguments:
+    """The data (``train_config.json``'s ``data`` section). The p_u tables of a personalised
+    reward come from ``aux``, or as objects: :func:`flower_rec.training.train`'s
+    ``aux_probabilities``."""
 
-    def _check_fields(self) -> None:
-        """Every field's type and range, before any of them is used."""
-        problem = first_problem({name: getattr(self, name) for name in FIELD_RULES}, FIELD_RULES)
-        if problem:
-            raise TrainConfigError(problem)
+    data: str = _option(dataclasses.MISSING, "dataset folder (flower-rec prepare)")
+    aux: str | None = _option(
+        None, "a train-aux output folder: SASRec gives the p_u of the personalised rewards")
 
-    def validate(self) -> None:
-        """Raises :class:`TrainConfigError` naming the first invalid field: each field's type and
-        range (:data:`FIELD_RULES`), then the rules between fields."""
+    def __post_init__(self):
+        if isinstance(self.data, os.PathLike):
+            self.data = os.fspath(self.data)
+        _check(self, ["data", "aux"])
 
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator."""
+    if torch.cuda.is_available():
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: mps, xpu, ...
+    return bool(accelerator is not None and accelerator.is_available())
+
+
+@dataclass
+class FlowerConfig(TrainingArguments):
+    """:class:`transformers.TrainingArguments` of an SFT or Flower run: the method's own options
+    (below), our defaults for some of the Trainer's (a 3e-4 learning rate, batches of 16, one
+    epoch, seed 0, ...), and every other Trainer option as it is (``optim``,
+    ``lr_scheduler_type``, ``report_to``, ``gradient_checkpointing``, ...). ``output_dir`` is
+    the run folder: the final model, ``train_config.json``, ``metrics.jsonl`` and the Trainer's
+    checkpoints. Some options follow from others: ``eval_steps`` turns on step evaluation,
+    ``early_stopping_patience`` keeps the best model by ``eval_loss``, and a machine without an
+    accelerator trains on its CPU."""
+
+    output_dir: str = _option(dataclasses.MISSING, "the run folder", aliases=["--out"])
+    method: str = _option("sft", "sft (BIGRec) or flower", **_choices("method"))
+    theta: float = _option(0.9995, "weight of SFT in theta x SFT + (1 - theta) x flow (flower)")
+    reward: str = _option(
+        "logp_div_s", "logp; logp_div_s (the paper's) or logp_add_logs, personalised by p_u "
+        "(--aux)", **_choices("reward"))
+    flow_loss: str = _option(
+        "subtb", "subtb: on-policy sub-trajectory balance (the paper's); flow_matching: "
+        "teacher-forced on the target path, no sampling", **_choices("flow_loss"))
+    policy: str = _option(
+        "full", "full: the full-vocabulary softmax (the paper's); masked: renormalised over the "
+        "trie children (no free termination term, no leak)", **_choices("policy"))
+    leakage_weight: float = _option(
+        0.0, "lambda of the conservative penalty: lambda x (-log of the policy's mass on the "
+        "trie children) at each state of the flow loss")
+    off_policy_share: float = _option(
+        0.0, "share of the SubTB trajectories drawn exactly from each user's R_u / Z_u instead "
+        "of the model")
+    rollout_temperature: float = _option(1.0, "temperature of the on-policy rollouts")
+    rollout: str = _option(
+        "ours", "ours, or published: the released code's SubTB step reproduced for parity "
+        "(context-free forwards after the prompt, right padding without a mask, a split "
+        "termination token); needs subtb, policy full, no penalty or off-policy share, "
+        "temperature 1 and the reward logp or logp_div_s. Not a recommended setting",
+        **_choices("rollout"))
+    reward_counts: str | None = _option(
+        None, "JSON file {title: count} to use as the rewards' popularity instead of the "
+        "training-history counts (e.g. a target distribution)")
+    floor_count: float = _option(
+        DEFAULT_FLOOR_COUNT, "popularity count of titles never seen in a training history")
+    domain: str = _option("items", "wording of the prompt; evaluate with the same",
+                          **_choices("domain"))
+    max_prompt_tokens: int | None = _option(
+        None, "prompt cutoff (the paper's 512): longer prompts drop their oldest history titles "
+        "until they fit; none keeps every prompt whole")
+    valid_limit: int | None = _option(
+        None, "validate on the first this many validation samples (a validation pass costs a "
+        "rollout per sample)")
+    early_stopping_patience: int | None = _option(
+        None, "stop when eval_loss has not improved for this many evaluations and keep the best "
+        "checkpoint as the model; needs eval_steps, and save_steps a multiple of it")
+    resume: bool = _option(False, "continue the run in output_dir from its newest complete "
+                           "checkpoint")
+    # TrainingArguments' options with our defaults (and the flags they had before this class)
+    per_device_train_batch_size: int = _option(16, "samples per device per forward",
+                                               aliases=["--batch-size"])
+    per_device_eval_batch_size: int = _option(16, "validation samples per device per forward")
+    num_train_epochs: float = _option(1.0, "training epochs", aliases=["--epochs"])
+    learning_rate: float = _option(3e-4, "AdamW's learning rate", aliases=["--lr"])
+    warmup_steps: int = _option(20, "optimizer steps of linear warm-up")
+    logging_steps: int = _option(10, "a metrics line every this many optimizer steps")
+    save_steps: int = _option(500, "a checkpoint every this many optimizer steps")
+    save_total_limit: int | None = _option(2, "keep the newest this many checkpoints")
+    eval_steps: int | None = _option(
+        None, "the validation loss every this many optimizer steps (and at the last one)")
+    seed: int = _option(0, "model initialisation, data order and rollouts")
+    prediction_loss_only: bool = _option(True, "evaluation computes the loss only")
+    remove_unused_columns: bool = _option(
+        False, "keep the collator's tensors, which are no model arguments")
+    ddp_find_unused_parameters: bool | None = _option(False, "DDP's find_unused_parameters")
+    log_level: str = _option("warning", "the Trainer's log level")
+
+    def __post_init__(self):
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        _check(self, [name for name in FIELD_RULES if hasattr(self, name)])
+        self._check_combinations()
+        evaluates = self.eval_steps is not None
+        if evaluates:
+            self.eval_strategy = "steps"
+        if self.early_stopping_patience is not None:
+            # The best model is restored from a checkpoint, and a resumed run continues its
+            # patience count (EarlyStoppingCallback's saved state).
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = "eval_loss"
+            self.greater_is_better = False
+            self.restore_callback_states_from_checkpoint = True
+        if not has_accelerator():
+            self.use_cpu = True  # bf16 autocast on a CPU-only machine needs it said
+            self.dataloader_pin_memory = False
+        super().__post_init__()
+
+    def _check_combinations(self) -> None:
         def fail(message: str) -> None:
             raise TrainConfigError(message)
 
-        self._check_fields()
         if self.eval_steps is None:
             for name in ("valid_limit", "early_stopping_patience"):
                 if getattr(self, name) is not None:
@@ -329,47 +327,80 @@ class TrainConfig:
             # on evaluation steps for that.
             fail(f"save_steps ({self.save_steps}) must be a multiple of eval_steps "
                  f"({self.eval_steps}) with early stopping, which restores the best checkpoint")
-        if self.tiny_hidden_size % self.tiny_heads:
-            fail(f"tiny_hidden_size {self.tiny_hidden_size} is not a multiple of tiny_heads "
-                 f"{self.tiny_heads}")
-        if self.max_steps == -1 and not self.epochs > 0:
-            fail(f"epochs must be positive (or max_steps > 0), got {self.epochs!r}")
-        if self.needs_probabilities and self.aux_probabilities is None:
-            fail(
-                f"reward {self.reward!r} needs aux_probabilities (p_u of every training sample "
-                "from an auxiliary recommender, e.g. `flower-rec train-aux`); pass them, or use "
-                "reward='logp' for popularity-only rewards"
-            )
-        if self.needs_probabilities and self.eval_steps is not None \
-                and self.valid_aux_probabilities is None:
-            fail(
-                f"validation with reward {self.reward!r} needs valid_aux_probabilities (p_u of "
-                "every validation sample, from the same auxiliary recommender; `flower-rec train "
-                "--aux` computes both)"
-            )
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            fail(f"num_train_epochs must be positive (or max_steps > 0), got "
+                 f"{self.num_train_epochs!r}")
         if self.rollout == "published" and not published_rollout_fits(
             self.flow_loss, self.policy, self.leakage_weight, self.off_policy_share,
             self.rollout_temperature, self.reward,
         ):
             fail(f"rollout 'published' is the released SubTB step alone: it needs "
                  f"{PUBLISHED_ROLLOUT_NEEDS}")
-        if self.reward_counts is not None and not Path(self.reward_counts).is_file():
-            fail(f"reward_counts file {str(self.reward_counts)!r} does not exist")
-        if not Path(self.data).is_dir():
-            fail(f"data folder {str(self.data)!r} does not exist (create one with "
-                 "`flower-rec prepare`)")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form; a tensor or callable ``aux_probabilities`` is described, not stored."""
-        values = dataclasses.asdict(self)
-        for key in ("data", "out"):
-            values[key] = str(values[key])
-        for key in ("aux_probabilities", "valid_aux_probabilities"):
-            aux = getattr(self, key)
-            if isinstance(aux, Tensor):
-                values[key] = f"<tensor {list(aux.shape)}>"
-            elif isinstance(aux, os.PathLike):
-                values[key] = str(aux)
-            elif callable(aux):
-                values[key] = f"<callable {getattr(aux, '__name__', type(aux).__name__)}>"
-        return values
+    @property
+    def needs_probabilities(self) -> bool:
+        """Whether the reward is personalised (needs p_u)."""
+        return self.method == "flower" and self.reward != "logp"
+
+
+CONFIG_CLASSES = (ModelArguments, DataArguments, FlowerConfig)
+"""The sections of a training configuration, in the order ``flower-rec train`` parses them."""
+
+OPTION_DEFAULTS: dict[str, Any] = {
+    f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)
+    if f.init and (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING)
+}
+"""Every option's default, by name (``data`` and ``output_dir`` have none)."""
+
+def configs_from_options(
+    options: Mapping[str, Any],
+) -> tuple[ModelArguments, DataArguments, FlowerConfig]:
+    """The three sections of one mapping of options by name (a YAML file merged with flags);
+    an unknown or missing name is an error that names it, and so is a bad value."""
+    names = [[f.name for f in dataclasses.fields(cls) if f.init] for cls in CONFIG_CLASSES]
+    unknown = sorted(set(options) - {name for group in names for name in group}, key=str)
+    if unknown:
+        now = {**LEGACY_NAMES, **_RETIRED_NAMES}
+        hints = [shown(name) + (f" (now {now[name]})" if name in now else "") for name in unknown]
+        raise TrainConfigError(f"unknown training option(s): {', '.join(hints)}")
+    missing = [flag for name, flag in (("data", "data (--data)"), ("output_dir", "output_dir "
+               "(--out)")) if name not in options]
+    if missing:
+        raise TrainConfigError(f"missing training option(s): {', '.join(missing)}")
+    model, data, args = (cls(**{name: options[name] for name in group if name in options})
+                         for cls, group in zip(CONFIG_CLASSES, names))
+    return model, data, args
+
+
+LEGACY_NAMES = {"out": "output_dir", "epochs": "num_train_epochs",
+                "batch_size": "per_device_train_batch_size"}
+"""Option names of the flat configuration before :class:`FlowerConfig` (their new names)."""
+_RETIRED_NAMES = {"progress": "disable_tqdm, its negation", "tensorboard": "report_to tensorboard",
+                  "trainer_options": "the options themselves"}
+
+
+def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a saved ``train_config.json`` by name: its three sections, or a flat file
+    of the configuration before them (renamed, its ``trainer_options`` spread)."""
+    if all(isinstance(saved.get(section), dict) for section in ("model", "data", "training")):
+        return {**saved["model"], **saved["data"], **saved["training"]}
+    options = {LEGACY_NAMES.get(name, name): value for name, value in saved.items()
+               if name != "trainer_options"}
+    if isinstance(options.get("lora_target_modules"), str):
+        options["lora_target_modules"] = [options["lora_target_modules"]]
+    if isinstance(saved.get("trainer_options"), dict):
+        options.update(saved["trainer_options"])
+    return options
+
+
+def described(value: Any) -> Any:
+    """A p_u source as train_config.json keeps it: a path as text, a tensor or callable
+    described (not stored)."""
+    if isinstance(value, Tensor):
+        return f"<tensor {list(value.shape)}>"
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if callable(value):
+        return f"<callable {getattr(value, '__name__', type(value).__name__)}>"
+    return value

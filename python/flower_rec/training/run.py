@@ -25,13 +25,18 @@ from ..files import atomic_files, atomic_open, check_whole, read_json, reading
 from ..prompts import PromptCutoffError, build_prompt, item_token_sequences
 from ..rewards import PopularityRewards
 from .config import (
-    CHECKPOINT_DIR,
     CONFIG_FILE,
+    LEGACY_CHECKPOINT_DIR,
     METRICS_FILE,
-    RESUMABLE_FIELDS,
+    OPTION_DEFAULTS,
+    SHAPING_OPTIONS,
+    DataArguments,
+    FlowerConfig,
+    ModelArguments,
     ProbabilitySource,
-    TrainConfig,
     TrainConfigError,
+    described,
+    saved_options,
 )
 from .objective import FlowerObjective
 from .published import PublishedFlow
@@ -51,7 +56,10 @@ def is_trained(run_dir: str | os.PathLike) -> bool:
     return (run / "config.json").is_file() and any(run.glob("model*.safetensors"))
 
 
-def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_tokenizer: bool):
+def _load_model(
+    config: ModelArguments, args: FlowerConfig, dataset: Dataset, run_dir: Path,
+    saved_tokenizer: bool,
+):
     """The model and tokenizer to train. The tiny default's tokenizer is trained on the dataset
     unless ``saved_tokenizer`` says to read the one in the run folder (a resumption, or a DDP
     process other than the main one, which trained and saved it)."""
@@ -64,13 +72,13 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
             with reading(f"the tokenizer saved in {run_dir}"):
                 tokenizer = AutoTokenizer.from_pretrained(run_dir)
         else:
-            tokenizer = train_tokenizer(corpus(dataset, config.domain), config.tiny_vocab_size)
+            tokenizer = train_tokenizer(corpus(dataset, args.domain), config.tiny_vocab_size)
         model = tiny_llama(
             tokenizer,
             hidden_size=config.tiny_hidden_size,
             num_layers=config.tiny_layers,
             num_heads=config.tiny_heads,
-            seed=config.seed,
+            seed=args.seed,
         )
     else:
         with reading(f"model {config.model}"):
@@ -92,7 +100,10 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
                 r=config.lora_r,
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
-                target_modules=config.lora_target_modules,
+                # peft reads the name "all-linear" as a rule, and a list as module names
+                target_modules=(config.lora_target_modules[0]
+                                if config.lora_target_modules == ["all-linear"]
+                                else config.lora_target_modules),
                 task_type="CAUSAL_LM",
             ),
         )
@@ -100,7 +111,7 @@ def _load_model(config: TrainConfig, dataset: Dataset, run_dir: Path, saved_toke
 
 
 def _published_flow(
-    config: TrainConfig, dataset: Dataset, tokenizer, rewards: PopularityRewards | None
+    config: FlowerConfig, dataset: Dataset, tokenizer, rewards: PopularityRewards | None
 ) -> PublishedFlow | None:
     """The released SubTB step's items and rewards (``rollout: published``), else None."""
     if config.rollout != "published" or config.method != "flower":
@@ -113,7 +124,7 @@ def _published_flow(
     return PublishedFlow(items, tokenizer.eos_token_id, rewards.item_log_rewards("logp"))
 
 
-def _popularity_rewards(config: TrainConfig, dataset: Dataset) -> PopularityRewards:
+def _popularity_rewards(config: FlowerConfig, dataset: Dataset) -> PopularityRewards:
     """The rewards' popularity: the training-history counts, or ``reward_counts``."""
     if config.reward_counts is None:
         return PopularityRewards.from_dataset(dataset, config.floor_count)
@@ -170,10 +181,11 @@ def _probability_source(
 def _checkpoints(run_dir: Path) -> list[Path]:
     """The run's Trainer checkpoint folders, newest first."""
     steps = {}
-    for folder in (run_dir / CHECKPOINT_DIR).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-([0-9]+)", folder.name)
-        if match and folder.is_dir():
-            steps[folder] = int(match[1])
+    for parent in (run_dir, run_dir / LEGACY_CHECKPOINT_DIR):
+        for folder in parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-([0-9]+)", folder.name)
+            if match and folder.is_dir():
+                steps[folder] = int(match[1])
     return sorted(steps, key=steps.get, reverse=True)
 
 
@@ -207,47 +219,52 @@ def _checkpoint_problem(folder: Path, lora: bool, world_size: int) -> str | None
     return None
 
 
-def _option_defaults() -> dict[str, Any]:
+def saved_configuration(
+    args: FlowerConfig, data: DataArguments, model: ModelArguments, aux_probabilities: Any,
+    valid_aux_probabilities: Any,
+) -> dict[str, Any]:
+    """What ``train_config.json`` holds: the three sections (p_u objects described)."""
     return {
-        field.name: field.default
-        for field in dataclasses.fields(TrainConfig)
-        if field.default is not dataclasses.MISSING
+        "model": dataclasses.asdict(model),
+        "data": {**dataclasses.asdict(data), "aux_probabilities": described(aux_probabilities),
+                 "valid_aux_probabilities": described(valid_aux_probabilities)},
+        "training": args.to_dict(),
     }
 
 
 def _prepare_run_dir(
-    config: TrainConfig, run_dir: Path, world_size: int, check: bool
+    args: FlowerConfig, configuration: dict[str, Any], world_size: int, check: bool
 ) -> Path | None:
     """The checkpoint to resume from: with ``resume``, the run folder's newest complete one
     (None if it has none). Newer incomplete ones are passed over, and left for the resumed run to
     overwrite when it reaches their step. With ``check`` (the main process) it also checks that
-    the folder agrees with ``resume`` and the saved configuration, and says on stderr which
-    checkpoints it passes over."""
+    the folder agrees with ``resume`` and that the saved configuration has the same
+    :data:`SHAPING_OPTIONS` as ``configuration``, and says on stderr which checkpoints it
+    passes over."""
+    run_dir = Path(args.output_dir)
     checkpoints = _checkpoints(run_dir)
     saved = run_dir / CONFIG_FILE
-    if check and not config.resume and (saved.exists() or checkpoints):
+    if check and not args.resume and (saved.exists() or checkpoints):
         raise TrainConfigError(
             f"{run_dir} already holds a run: pass resume=True to continue it, or choose "
             "another output folder"
         )
-    if check and config.resume and saved.exists():
+    if check and args.resume and saved.exists():
         previous = read_json(saved)
         if not isinstance(previous, dict):
             raise TrainConfigError(f"{saved}: not a training configuration (a JSON object)")
         # A run saved before an option existed ran with that option's default.
-        previous = {**_option_defaults(), **previous}
-        current = config.to_dict()
-        changed = sorted(
-            k for k in current
-            if k not in RESUMABLE_FIELDS and previous.get(k) != current[k]
-        )
+        previous = {**OPTION_DEFAULTS, **saved_options(previous)}
+        current = saved_options(configuration)
+        changed = [name for name in SHAPING_OPTIONS if previous.get(name) != current.get(name)]
         if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise TrainConfigError(f"cannot resume {run_dir} with a different configuration ({details})")
-    if not config.resume:
+    if not args.resume:
         return None
+    lora = configuration["model"]["lora"]
     for folder in checkpoints:
-        problem = _checkpoint_problem(folder, config.lora, world_size)
+        problem = _checkpoint_problem(folder, lora, world_size)
         if problem is None:
             return folder
         if check:
@@ -259,144 +276,133 @@ def _prepare_run_dir(
     return None
 
 
-def _has_accelerator() -> bool:
-    if torch.cuda.is_available():
-        return True
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: mps, xpu, ...
-    return bool(accelerator is not None and accelerator.is_available())
-
-
-def _training_arguments(config: TrainConfig, run_dir: Path):
-    """The Trainer's arguments: those the configuration's fields set, which ``trainer_options``
-    may not change, over our defaults for the rest, which it may (with any other
-    :class:`transformers.TrainingArguments` option)."""
-    from transformers import TrainingArguments
-
-    accelerated = _has_accelerator()
-    early_stopping = config.early_stopping_patience is not None
-    from_fields = dict(
-        output_dir=str(run_dir / CHECKPOINT_DIR),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        bf16=config.bf16,
-        logging_steps=config.logging_steps,
-        logging_strategy="steps",
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        eval_strategy="no" if config.eval_steps is None else "steps",
-        eval_steps=config.eval_steps,
-        per_device_eval_batch_size=config.batch_size,
-        prediction_loss_only=True,
-        # Early stopping keeps the checkpoint of the lowest eval_loss as the final model, and
-        # a resumed run continues its patience count (EarlyStoppingCallback's saved state).
-        load_best_model_at_end=early_stopping,
-        metric_for_best_model="eval_loss" if early_stopping else None,
-        greater_is_better=False if early_stopping else None,
-        restore_callback_states_from_checkpoint=early_stopping,
-        seed=config.seed,
-        disable_tqdm=not config.progress,
-        remove_unused_columns=False,  # the collator's tensors are not model arguments
-    )
-    defaults = dict(
-        lr_scheduler_type="linear",
-        report_to="none",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=accelerated,
-        use_cpu=not accelerated,  # bf16 autocast on a CPU-only machine needs it said
-        ddp_find_unused_parameters=False,
-        log_level="warning",
-    )
-    extra = config.trainer_options or {}
-    fixed = sorted(set(extra) & set(from_fields))
-    if fixed:
+def _check_inputs(
+    args: FlowerConfig, data: DataArguments, aux_probabilities: Any, valid_aux_probabilities: Any
+) -> None:
+    """The rules between the configuration and the files and objects it names."""
+    if not Path(data.data).is_dir():
+        raise TrainConfigError(f"data folder {data.data!r} does not exist (create one with "
+                               "`flower-rec prepare`)")
+    if args.reward_counts is not None and not Path(args.reward_counts).is_file():
+        raise TrainConfigError(f"reward_counts file {str(args.reward_counts)!r} does not exist")
+    if data.aux is not None and aux_probabilities is not None:
+        raise TrainConfigError("give the p_u either as aux (a train-aux folder) or as "
+                               "aux_probabilities, not both")
+    if not args.needs_probabilities or data.aux is not None:
+        return
+    if aux_probabilities is None:
         raise TrainConfigError(
-            f"trainer_options: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by "
-            "the training configuration's own options (batch_size, epochs, learning_rate, ...)"
+            f"reward {args.reward!r} needs aux_probabilities (p_u of every training sample "
+            "from an auxiliary recommender, e.g. `flower-rec train-aux`); pass them or aux, or "
+            "use reward='logp' for popularity-only rewards"
         )
-    known = {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
-    unknown = sorted(set(extra) - known)
-    if unknown:
+    if args.eval_steps is not None and valid_aux_probabilities is None:
         raise TrainConfigError(
-            f"trainer_options: unknown transformers.TrainingArguments option(s): "
-            f"{', '.join(map(repr, unknown))}"
+            f"validation with reward {args.reward!r} needs valid_aux_probabilities (p_u of "
+            "every validation sample, from the same auxiliary recommender; aux computes both)"
         )
-    try:
-        return TrainingArguments(**{**defaults, **extra, **from_fields})
-    except (ValueError, TypeError) as error:
-        if not extra:
-            raise
-        raise TrainConfigError(f"trainer_options: {error}") from None
 
 
-def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
-    """Trains a recommender as ``config`` says and returns the run folder (see the module
-    docstring). ``callbacks``: extra :class:`transformers.TrainerCallback` objects."""
-    config.validate()
-    run_dir = Path(config.out)
-    dataset = load_dataset(config.data)
+def _aux_tables(data: DataArguments, dataset: Dataset, evaluates: bool) -> tuple[Tensor, Any]:
+    """The p_u of the training (and, with ``evaluates``, the validation) samples from the
+    SASRec in ``data.aux``."""
+    from ..auxiliary import load_sasrec, training_probabilities
+
+    aux = load_sasrec(data.aux)
+    valid = training_probabilities(aux, dataset, "valid") if evaluates else None
+    return training_probabilities(aux, dataset), valid
+
+
+def train(
+    args: FlowerConfig,
+    data: DataArguments,
+    model: ModelArguments | None = None,
+    *,
+    aux_probabilities: Tensor | str | os.PathLike | ProbabilitySource | None = None,
+    valid_aux_probabilities: Tensor | str | os.PathLike | ProbabilitySource | None = None,
+    callbacks: Sequence[Any] = (),
+) -> Path:
+    """Trains a recommender and returns the run folder ``args.output_dir`` (see the module
+    docstring).
+
+    Args:
+        args: the training arguments, the method's included.
+        data: the dataset folder, and the SASRec folder giving p_u where the reward is
+            personalised.
+        model: the model to fine-tune (default: the embedded tiny model).
+        aux_probabilities: instead of ``data.aux``: ``p_u`` of every training sample,
+            ``[num_train_samples, I]``, as a tensor, a file (``.pt`` holding a tensor, or
+            ``.safetensors`` holding one tensor), or a callable mapping sample indices ``[B]``
+            to ``[B, I]``.
+        valid_aux_probabilities: the same for the validation samples (``[num_valid_samples,
+            I]``), needed by validation (``eval_steps``) with a personalised reward.
+        callbacks: extra :class:`transformers.TrainerCallback` objects.
+    """
+    model = ModelArguments() if model is None else model
+    _check_inputs(args, data, aux_probabilities, valid_aux_probabilities)
+    run_dir = Path(args.output_dir)
+    dataset = load_dataset(data.data)
+    configuration = saved_configuration(args, data, model, aux_probabilities,
+                                        valid_aux_probabilities)
+    main = args.process_index == 0  # sets up the process group under torchrun
+    checkpoint = _prepare_run_dir(args, configuration, args.world_size, check=main)
     rewards = probabilities = valid_probabilities = None
-    if config.method == "flower":
-        rewards = _popularity_rewards(config, dataset)
-        if config.needs_probabilities:
+    if args.method == "flower":
+        rewards = _popularity_rewards(args, dataset)
+        if args.needs_probabilities:
+            if data.aux is not None:
+                aux_probabilities, valid_aux_probabilities = _aux_tables(
+                    data, dataset, args.eval_steps is not None
+                )
             probabilities = _probability_source(
-                config.aux_probabilities, len(dataset.train), dataset.num_items
+                aux_probabilities, len(dataset.train), dataset.num_items
             )
-            if config.eval_steps is not None:
+            if args.eval_steps is not None:
                 valid_probabilities = _probability_source(
-                    config.valid_aux_probabilities, len(dataset.valid), dataset.num_items,
+                    valid_aux_probabilities, len(dataset.valid), dataset.num_items,
                     "valid_aux_probabilities", "valid",
                 )
         logger.info("%d titles without a training-history count get the floor count %s",
-                    rewards.num_floored, config.floor_count)
+                    rewards.num_floored, args.floor_count)
 
-    args = _training_arguments(config, run_dir)  # sets up the process group under torchrun
-    main = args.process_index == 0
-    checkpoint = _prepare_run_dir(config, run_dir, args.world_size, check=main)
     # The main process prepares the run folder first (the configuration; the tiny model's
     # tokenizer, which the other processes then read, so that every process has the same one).
     with args.main_process_first(local=False, desc="preparing the run folder"):
-        model, tokenizer = _load_model(
-            config, dataset, run_dir, saved_tokenizer=checkpoint is not None or not main
+        network, tokenizer = _load_model(
+            model, args, dataset, run_dir, saved_tokenizer=checkpoint is not None or not main
         )
         if main:
             with atomic_open(run_dir / CONFIG_FILE, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(config.to_dict(), indent=2) + "\n")
-            if config.model is None:
+                handle.write(json.dumps(configuration, indent=2) + "\n")
+            if model.model is None:
                 with atomic_files(run_dir) as staging:
                     tokenizer.save_pretrained(staging)
-    catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], config.domain))
-    encoded, valid = _encoded_splits(config, dataset, tokenizer, catalog)
+    catalog = Catalog.from_titles(dataset.titles, tokenizer, build_prompt([], args.domain))
+    encoded, valid = _encoded_splits(args, dataset, tokenizer, catalog)
     objective = FlowerObjective(
         catalog,
-        method=config.method,
+        method=args.method,
         eos_token_id=tokenizer.eos_token_id,
-        theta=config.theta,
-        flow_loss=config.flow_loss,
+        theta=args.theta,
+        flow_loss=args.flow_loss,
         rewards=rewards,
-        reward_variant=config.reward,
+        reward_variant=args.reward,
         probabilities=probabilities,
-        policy=config.policy,
-        leakage_weight=config.leakage_weight,
-        off_policy_share=config.off_policy_share,
-        rollout_temperature=config.rollout_temperature,
-        published=_published_flow(config, dataset, tokenizer, rewards),
+        policy=args.policy,
+        leakage_weight=args.leakage_weight,
+        off_policy_share=args.off_policy_share,
+        rollout_temperature=args.rollout_temperature,
+        published=_published_flow(args, dataset, tokenizer, rewards),
     )
 
     trainer = FlowerTrainer(
-        model=model,
+        model=network,
         args=args,
         train_dataset=SampleSet(encoded),
         eval_dataset=valid,
         data_collator=RecommendationCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=_callbacks(config, run_dir, main, callbacks),
+        callbacks=_callbacks(args, run_dir, callbacks),
         objective=objective,
         eval_probabilities=valid_probabilities,
     )
@@ -405,7 +411,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         final = trainer.accelerator.unwrap_model(trainer.model)
-        if config.lora:
+        if model.lora:
             final = final.merge_and_unload()  # a plain model that `evaluate` loads without peft
         with atomic_files(run_dir) as staging:
             final.save_pretrained(staging)
@@ -415,38 +421,29 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
 
 
 def _encoded_splits(
-    config: TrainConfig, dataset: Dataset, tokenizer, catalog: Catalog
+    args: FlowerConfig, dataset: Dataset, tokenizer, catalog: Catalog
 ) -> tuple[list, SampleSet | None]:
     """The training samples as token ids, and the validation set where ``eval_steps`` asks for
     one; a prompt that no cutoff can fit is a configuration error."""
     try:
         encoded = encode_samples(
-            dataset, "train", tokenizer, catalog, config.domain, config.max_prompt_tokens
+            dataset, "train", tokenizer, catalog, args.domain, args.max_prompt_tokens
         )
         valid = None
-        if config.eval_steps is not None:
+        if args.eval_steps is not None:
             valid = SampleSet(encode_samples(
-                dataset, "valid", tokenizer, catalog, config.domain, config.max_prompt_tokens,
-                config.valid_limit,
+                dataset, "valid", tokenizer, catalog, args.domain, args.max_prompt_tokens,
+                args.valid_limit,
             ))
     except PromptCutoffError as error:
         raise TrainConfigError(f"max_prompt_tokens: {error}") from None
     return encoded, valid
 
 
-def _callbacks(
-    config: TrainConfig, run_dir: Path, main: bool, callbacks: Sequence[Any]
-) -> list[Any]:
-    """The metrics file, early stopping with the best checkpoint kept, and TensorBoard (on the
-    main process), where the configuration asks for them, before the caller's ``callbacks``."""
+def _callbacks(args: FlowerConfig, run_dir: Path, callbacks: Sequence[Any]) -> list[Any]:
+    """The metrics file and early stopping with the best checkpoint kept, where the
+    configuration asks for it, before the caller's ``callbacks``."""
     all_callbacks = [MetricsFileCallback(run_dir / METRICS_FILE), *callbacks]
-    if config.early_stopping_patience is not None:
-        all_callbacks += [EarlyStoppingCallback(config.early_stopping_patience), SaveBestCallback()]
-    if config.tensorboard and main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from transformers.integrations import TensorBoardCallback
-        except ImportError:
-            raise TrainConfigError("tensorboard=True needs the tensorboard package") from None
-        all_callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))))
+    if args.early_stopping_patience is not None:
+        all_callbacks += [EarlyStoppingCallback(args.early_stopping_patience), SaveBestCallback()]
     return all_callbacks

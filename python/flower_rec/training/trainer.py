@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..files import atomic_open, read_text, reading
-from .config import ProbabilitySource
+from .config import LEGACY_CHECKPOINT_DIR, ProbabilitySource
 from .objective import FlowerObjective, rollout_seed
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +69,10 @@ class FlowerTrainer(Trainer):
             return epochs_trained, steps_trained_in_epoch
         if self.state.best_global_step:
             best = f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-            folder = Path(self.args.output_dir) / best
-            self.state.best_model_checkpoint = str(folder) if folder.is_dir() else None
+            run_dir = Path(self.args.output_dir)
+            folders = [run_dir / best, run_dir / LEGACY_CHECKPOINT_DIR / best]
+            found = [folder for folder in folders if folder.is_dir()]
+            self.state.best_model_checkpoint = str(found[0]) if found else None
         if self.state.global_step >= max_steps or self.control.should_training_stop:
             return num_train_epochs, 0  # past the last epoch: the loop runs no step
         return epochs_trained, steps_trained_in_epoch

@@ -26,4 +26,4 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory) -> Path:
     """A flower (subtb) run of 6 steps with checkpoints at 3 and 6."""
-    return train(config(data_dir, tmp_path_factory.mktemp("runs") / "whole", **FLOWER))
+    return train(**config(data_dir, tmp_path_factory.mktemp("runs") / "whole", **FLOWER))

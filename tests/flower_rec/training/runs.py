@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from flower_rec.training import METRICS_FILE, TrainConfig
+from flower_rec.training import METRICS_FILE, configs_from_options
 
 TINY = {"tiny_hidden_size": 32, "tiny_layers": 1, "tiny_heads": 2}
 # Keys of the final summary line that depend on wall time or on the session (a resumed run's
@@ -23,12 +23,24 @@ SESSION_KEYS = {
 }
 
 
-def config(data_dir, out, **options) -> TrainConfig:
-    values = {
-        **TINY, "data": data_dir, "out": out, "batch_size": 8, "logging_steps": 1,
-        "save_steps": 3, "max_steps": 6, "warmup_steps": 2, "progress": False, **options,
+P_U = ("aux_probabilities", "valid_aux_probabilities")  # train()'s objects, not options
+
+
+def options(data_dir, out, **overrides) -> dict:
+    """The small run's options by name (JSON-able but for ``overrides``)."""
+    return {
+        **TINY, "data": str(data_dir), "output_dir": str(out), "per_device_train_batch_size": 8,
+        "logging_steps": 1, "save_steps": 3, "max_steps": 6, "warmup_steps": 2,
+        "disable_tqdm": True, **overrides,
     }
-    return TrainConfig(**values)
+
+
+def config(data_dir, out, **overrides) -> dict:
+    """The keyword arguments of :func:`flower_rec.training.train` for the small run."""
+    values = options(data_dir, out, **overrides)
+    p_u = {name: values.pop(name) for name in P_U if name in values}
+    model, data, args = configs_from_options(values)
+    return {"args": args, "data": data, "model": model, **p_u}
 
 
 def metric_lines(run_dir: Path) -> list[dict]:

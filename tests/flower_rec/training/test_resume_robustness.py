@@ -20,11 +20,28 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from runs import EARLY, FLOWER, Crash, Steps, assert_same_run, config, metric_lines, weights
+from runs import (
+    EARLY,
+    FLOWER,
+    Crash,
+    Steps,
+    assert_same_run,
+    config,
+    metric_lines,
+    weights,
+)
+from runs import options as run_options
 from transformers import TrainerCallback
 
 from flower_rec.files import atomic_files
-from flower_rec.training import CONFIG_FILE, METRICS_FILE, MetricsFileCallback, train
+from flower_rec.training import (
+    CONFIG_FILE,
+    LEGACY_NAMES,
+    METRICS_FILE,
+    MetricsFileCallback,
+    TrainConfigError,
+    train,
+)
 
 # What the Trainer writes into a checkpoint, in its order (Trainer._save_checkpoint): the model,
 # the optimizer, the schedule, the RNG state, the trainer state.
@@ -50,7 +67,7 @@ def killed_while_writing(whole: Path, out: Path, file: str) -> Path:
     """``whole`` as a kill while checkpoint-6's ``file`` was being written leaves it: that file cut
     in half, the later ones not written, no final summary and no final model."""
     shutil.copytree(whole, out)
-    checkpoint = out / "checkpoints" / "checkpoint-6"
+    checkpoint = out / "checkpoint-6"
     cut_in_half(checkpoint / file)
     for later in STATE_FILES[STATE_FILES.index(file) + 1 :]:
         (checkpoint / later).unlink()
@@ -69,7 +86,7 @@ class StartStep(TrainerCallback):
 
 def start_step(data_dir: Path, out: Path) -> int:
     with pytest.raises(RuntimeError, match="starts from step") as error:
-        train(config(data_dir, out, resume=True, **FLOWER), callbacks=[StartStep()])
+        train(**config(data_dir, out, resume=True, **FLOWER), callbacks=[StartStep()])
     return int(str(error.value).rsplit(" ", 1)[1])
 
 
@@ -80,9 +97,9 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(
     out = killed_while_writing(uninterrupted, tmp_path / "killed", file)
     session = Steps()
     with pytest.warns(UserWarning, match=f"passing over the incomplete checkpoint-6: .*/{file}: "):
-        train(config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
+        train(**config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
     assert session.steps == [4, 5, 6]
-    assert (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").exists()  # rewritten
+    assert (out / "checkpoint-6" / "trainer_state.json").exists()  # rewritten
     assert_same_run(out, uninterrupted)
 
 
@@ -93,7 +110,7 @@ def test_a_checkpoint_missing_any_state_file_is_passed_over(data_dir, tmp_path, 
     rng_state.pth other random numbers, and resume silently to other weights."""
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    (out / "checkpoints" / "checkpoint-6" / file).unlink()
+    (out / "checkpoint-6" / file).unlink()
     with pytest.warns(UserWarning, match=f"checkpoint-6/{file}: no such file"):
         assert start_step(data_dir, out) == 3
 
@@ -102,7 +119,7 @@ def test_without_a_complete_checkpoint_the_run_starts_over(data_dir, tmp_path, u
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     for step in (3, 6):
-        cut_in_half(out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json")
+        cut_in_half(out / f"checkpoint-{step}" / "trainer_state.json")
     with pytest.warns(UserWarning) as warned:
         assert start_step(data_dir, out) == 0
     messages = [str(w.message) for w in warned]
@@ -123,7 +140,7 @@ def test_a_kill_during_the_final_save_resumes_to_no_step(data_dir, tmp_path, uni
     if summary == "not yet logged":
         without_summary(out)
     session = Steps()
-    train(config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
+    train(**config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
     assert session.steps == []
     assert_same_run(out, uninterrupted)
 
@@ -133,7 +150,7 @@ KILLED_WRITING_OPTIMIZER = textwrap.dedent(
     import io, json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from flower_rec.training import TrainConfig, train
+    from flower_rec.training import configs_from_options, train
 
     save = torch.save
 
@@ -148,14 +165,15 @@ KILLED_WRITING_OPTIMIZER = textwrap.dedent(
         return save(obj, path, *args, **kwargs)
 
     torch.save = save_or_die_halfway
-    train(TrainConfig(**json.loads(sys.argv[1])))
+    model, data, args = configs_from_options(json.loads(sys.argv[1]))
+    train(args, data, model)
     """
 )
 
 
 def test_sigkill_in_the_middle_of_a_checkpoint_file(data_dir, tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    options = config(data_dir, out, **FLOWER).to_dict()
+    options = run_options(data_dir, out, **FLOWER)
     # cwd outside the checkout: `python -c` puts the cwd first on sys.path (see test_train).
     process = subprocess.run(
         [sys.executable, "-c", KILLED_WRITING_OPTIMIZER, json.dumps(options)],
@@ -163,11 +181,11 @@ def test_sigkill_in_the_middle_of_a_checkpoint_file(data_dir, tmp_path, uninterr
         cwd=tmp_path,
     )
     assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
-    partial = out / "checkpoints" / "checkpoint-6"
+    partial = out / "checkpoint-6"
     assert (partial / "optimizer.pt").exists() and not (partial / "trainer_state.json").exists()
     session = Steps()
     with pytest.warns(UserWarning, match="checkpoint-6/optimizer.pt: File is not a zip file"):
-        train(config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
+        train(**config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
     assert session.steps == [4, 5, 6]
     assert_same_run(out, uninterrupted)
 
@@ -178,26 +196,62 @@ def test_sigkill_in_the_middle_of_a_checkpoint_file(data_dir, tmp_path, uninterr
 def test_a_moved_run_folder_resumes(data_dir, tmp_path, uninterrupted):
     before = tmp_path / "before"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config(data_dir, before, **FLOWER), callbacks=[Crash(5)])
+        train(**config(data_dir, before, **FLOWER), callbacks=[Crash(5)])
     after = before.rename(tmp_path / "after")
     session = Steps()
-    train(config(data_dir, after, resume=True, **FLOWER), callbacks=[session])
+    train(**config(data_dir, after, resume=True, **FLOWER), callbacks=[session])
     assert session.steps == [4, 5, 6]
-    assert json.loads((after / CONFIG_FILE).read_text())["out"] == str(after)
+    assert json.loads((after / CONFIG_FILE).read_text())["training"]["output_dir"] == str(after)
     assert_same_run(after, uninterrupted)
+
+
+# The flat configuration before FlowerConfig, by its names (LEGACY_NAMES maps the renamed ones).
+FLAT_OPTIONS = (
+    "data", "out", "method", "model", "tiny_hidden_size", "tiny_layers", "tiny_heads",
+    "tiny_vocab_size", "lora", "lora_r", "lora_alpha", "lora_dropout", "bf16", "theta", "reward",
+    "flow_loss", "policy", "leakage_weight", "off_policy_share", "rollout_temperature", "rollout",
+    "reward_counts", "floor_count", "aux_probabilities", "valid_aux_probabilities", "domain",
+    "max_prompt_tokens", "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm",
+    "epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "save_steps",
+    "save_total_limit", "logging_steps", "eval_steps", "valid_limit", "early_stopping_patience",
+    "seed", "resume",
+)
+
+
+def test_a_run_made_before_flower_config_resumes(data_dir, tmp_path, uninterrupted):
+    """A run folder of the version before FlowerConfig: a flat train_config.json (old names,
+    lora_target_modules a string, trainer_options) and its checkpoints in RUN/checkpoints/. It
+    resumes from there to the uninterrupted run, and a changed option is still refused."""
+    out = tmp_path / "old"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(**config(data_dir, out, **FLOWER), callbacks=[Crash(5)])
+    (out / "checkpoints").mkdir()
+    (out / "checkpoint-3").rename(out / "checkpoints" / "checkpoint-3")
+    sections = json.loads((out / CONFIG_FILE).read_text())
+    options = {**sections["model"], **sections["data"], **sections["training"]}
+    flat = {name: options[LEGACY_NAMES.get(name, name)] for name in FLAT_OPTIONS}
+    flat.update(lora_target_modules="all-linear", progress=False, tensorboard=False,
+                trainer_options={"lr_scheduler_type": "linear"})
+    (out / CONFIG_FILE).write_text(json.dumps(flat))
+    with pytest.raises(TrainConfigError, match=r"different configuration \(theta: 0.9 -> 0.8\)"):
+        train(**config(data_dir, out, resume=True, **{**FLOWER, "theta": 0.8}))
+    session = Steps()
+    train(**config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
+    assert session.steps == [4, 5, 6]
+    assert_same_run(out, uninterrupted)
 
 
 def test_a_moved_early_stopped_run_keeps_its_best_checkpoint(data_dir, tmp_path):
     """Killed during the final save of a run that early stopping ended, then moved: the resumed
     run takes no step and restores the best checkpoint from the folder it is now in (the saved
     state names the old folder)."""
-    before = train(config(data_dir, tmp_path / "before", save_steps=1, **EARLY))
+    before = train(**config(data_dir, tmp_path / "before", save_steps=1, **EARLY))
     best_weights, lines = weights(before), metric_lines(before)
     for name in FINAL_MODEL:
         (before / name).unlink()
     after = before.rename(tmp_path / "after")
     session = Steps()
-    train(config(data_dir, after, save_steps=1, resume=True, **EARLY), callbacks=[session])
+    train(**config(data_dir, after, save_steps=1, resume=True, **EARLY), callbacks=[session])
     assert session.steps == []
     assert metric_lines(after) == lines
     for name, tensor in weights(after).items():
@@ -213,7 +267,7 @@ def test_a_damaged_saved_configuration_or_tokenizer_is_named(data_dir, tmp_path,
         shutil.copytree(uninterrupted, out)
         cut_in_half(out / damaged)
         with pytest.raises(ValueError) as error:
-            train(config(data_dir, out, resume=True, **FLOWER))
+            train(**config(data_dir, out, resume=True, **FLOWER))
         message = str(error.value)
         assert "\n" not in message
         assert (f"{out / damaged}: " if damaged == CONFIG_FILE
@@ -225,7 +279,7 @@ def test_a_damaged_probability_file_is_named(data_dir, dataset, tmp_path):
     torch.save(torch.ones(len(dataset.train), dataset.num_items), path)
     cut_in_half(path)
     with pytest.raises(ValueError, match=f"^{path}: "):
-        train(config(data_dir, tmp_path / "run", method="flower", aux_probabilities=str(path)))
+        train(**config(data_dir, tmp_path / "run", method="flower", aux_probabilities=str(path)))
 
 
 def fake_state(step: int) -> SimpleNamespace:

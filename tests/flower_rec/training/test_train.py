@@ -27,6 +27,7 @@ from runs import (
     metric_lines,
     weights,
 )
+from runs import options as run_options
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from flower_ext import losses
@@ -41,8 +42,8 @@ from flower_rec.training import (
     FlowerObjective,
     FlowerTrainer,
     RecommendationCollator,
-    TrainConfig,
     TrainConfigError,
+    configs_from_options,
     encode_samples,
     train,
 )
@@ -270,12 +271,12 @@ def test_flow_objectives_alone_bring_items_out_in_proportion_to_their_reward(
 
 
 def test_sft_run_folder_reloads_for_evaluation(data_dir, dataset, tmp_path):
-    run = train(config(data_dir, tmp_path / "run"))
-    assert json.loads((run / CONFIG_FILE).read_text())["method"] == "sft"
+    run = train(**config(data_dir, tmp_path / "run"))
+    assert json.loads((run / CONFIG_FILE).read_text())["training"]["method"] == "sft"
     lines = metric_lines(run)
     assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4, 5, 6]
     assert all("sft" in line for line in lines if "loss" in line)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     model = AutoModelForCausalLM.from_pretrained(run).eval()
     tokenizer = AutoTokenizer.from_pretrained(run)
     evaluation = evaluate(model, tokenizer, dataset, limit=4, progress=False)
@@ -286,17 +287,17 @@ def test_sft_run_folder_reloads_for_evaluation(data_dir, dataset, tmp_path):
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(data_dir, tmp_path, uninterrupted):
     out = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config(data_dir, out, **FLOWER), callbacks=[Crash(5)])
+        train(**config(data_dir, out, **FLOWER), callbacks=[Crash(5)])
     assert max(line["step"] for line in metric_lines(out)) == 4  # logs past the checkpoint
     session = Steps()
-    assert train(config(data_dir, out, resume=True, **FLOWER), callbacks=[session]) == out
+    assert train(**config(data_dir, out, resume=True, **FLOWER), callbacks=[session]) == out
     assert session.steps == [4, 5, 6]  # from checkpoint-3
     assert_same_run(out, uninterrupted)
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    options = {**config(data_dir, out, **FLOWER).to_dict()}
+    values = run_options(data_dir, out, **FLOWER)
     script = textwrap.dedent(
         f"""
         import json, sys
@@ -304,21 +305,22 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, tmp_pat
         torch.set_num_threads(1)
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from runs import Crash
-        from flower_rec.training import TrainConfig, train
-        train(TrainConfig(**json.loads(sys.argv[1])), callbacks=[Crash(5, kill=True)])
+        from flower_rec.training import configs_from_options, train
+        model, data, args = configs_from_options(json.loads(sys.argv[1]))
+        train(args, data, model, callbacks=[Crash(5, kill=True)])
         """
     )
     # cwd outside the checkout: `python -c` puts the cwd first on sys.path, where the source
     # folder flower_ext/ (no compiled module in a non-editable install) would shadow the package.
     process = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(options)], capture_output=True, text=True,
+        [sys.executable, "-c", script, json.dumps(values)], capture_output=True, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=tmp_path,
     )
     assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
-    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    assert (out / "checkpoint-3").is_dir()
     assert not (out / "model.safetensors").exists()
     session = Steps()
-    train(config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
+    train(**config(data_dir, out, resume=True, **FLOWER), callbacks=[session])
     assert session.steps == [4, 5, 6]
     assert_same_run(out, uninterrupted)
 
@@ -326,9 +328,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, tmp_pat
 def test_resume_without_a_checkpoint_starts_over(data_dir, tmp_path):
     out = tmp_path / "early"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config(data_dir, out, save_steps=100), callbacks=[Crash(2)])
+        train(**config(data_dir, out, save_steps=100), callbacks=[Crash(2)])
     with pytest.warns(UserWarning, match="no checkpoint"):
-        train(config(data_dir, out, save_steps=100, resume=True))
+        train(**config(data_dir, out, save_steps=100, resume=True))
     assert [line["step"] for line in metric_lines(out) if "loss" in line] == [1, 2, 3, 4, 5, 6]
 
 
@@ -345,7 +347,7 @@ def test_personalised_runs_take_probabilities_from_a_file(data_dir, dataset, tmp
     path, valid_path = tmp_path / "p.pt", tmp_path / "p_valid.pt"
     torch.save(fake_probabilities(len(dataset.train), dataset.num_items), path)
     torch.save(fake_probabilities(len(dataset.valid), dataset.num_items, seed=1), valid_path)
-    run = train(config(data_dir, tmp_path / "run", max_steps=2, aux_probabilities=str(path),
+    run = train(**config(data_dir, tmp_path / "run", max_steps=2, aux_probabilities=str(path),
                        valid_aux_probabilities=str(valid_path), eval_steps=1, valid_limit=8,
                        **options))
     flow = options.get("flow_loss", "subtb")
@@ -356,57 +358,55 @@ def test_personalised_runs_take_probabilities_from_a_file(data_dir, dataset, tmp
     for line in evals:
         expected = 0.9995 * line["eval_sft"] + 0.0005 * line[f"eval_{flow}"]
         assert line["eval_loss"] == pytest.approx(expected, rel=1e-4)
-    saved = json.loads((run / CONFIG_FILE).read_text())
+    saved = json.loads((run / CONFIG_FILE).read_text())["data"]
     assert saved["aux_probabilities"] == str(path)
     assert saved["valid_aux_probabilities"] == str(valid_path)
 
 
 def test_gradient_accumulation_and_tensorboard(data_dir, tmp_path):
     pytest.importorskip("tensorboard")
-    run = train(config(data_dir, tmp_path / "run", max_steps=2, gradient_accumulation_steps=2,
-                       tensorboard=True, **FLOWER))
+    run = train(**config(data_dir, tmp_path / "run", max_steps=2, gradient_accumulation_steps=2,
+                       report_to=["tensorboard"], **FLOWER))
     lines = [line for line in metric_lines(run) if "loss" in line]
     assert [line["step"] for line in lines] == [1, 2]
     # 2 micro-batches of 8 per step: the loss is their mean, as are its parts.
     for line in lines:
         assert line["loss"] == pytest.approx(0.9 * line["sft"] + 0.1 * line["subtb"], rel=1e-4)
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "runs").rglob("events.out.tfevents.*"))  # the Trainer's own callback
 
 
 def test_trainer_options_reach_the_trainer(data_dir, tmp_path):
-    """Any TrainingArguments option the configuration leaves open: a constant schedule and
-    activation (gradient) checkpointing, under which the on-policy rollout still samples with its
-    KV cache."""
+    """Any TrainingArguments option: a constant schedule and activation (gradient)
+    checkpointing, under which the on-policy rollout still samples with its KV cache."""
     checkpointing = ("activation_checkpointing" if "activation_checkpointing"
                      in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
     options = {"lr_scheduler_type": "constant", checkpointing: True}
-    run = train(config(data_dir, tmp_path / "run", max_steps=3, warmup_steps=0,
-                       learning_rate=1e-3, trainer_options=options, **FLOWER))
+    run = train(**config(data_dir, tmp_path / "run", max_steps=3, warmup_steps=0,
+                       learning_rate=1e-3, **options, **FLOWER))
     lines = [line for line in metric_lines(run) if "loss" in line]
     assert [line["learning_rate"] for line in lines] == [1e-3] * 3
     assert all(math.isfinite(line["subtb"]) for line in lines)
-    assert json.loads((run / "train_config.json").read_text())["trainer_options"] == options
+    saved = json.loads((run / "train_config.json").read_text())["training"]
+    assert {name: saved[name] for name in options} == options
 
 
 @pytest.mark.parametrize(
-    "options, message",
-    [({"per_device_train_batch_size": 4}, "per_device_train_batch_size is set by the training "
-                                          "configuration's own options"),
-     ({"gradient_checkpoint": True}, "unknown transformers.TrainingArguments option(s): "
-                                     "'gradient_checkpoint'"),
-     ({"lr_scheduler_type": "no-such-schedule"}, "trainer_options: ")],
+    "options, error, message",
+    [({"gradient_checkpoint": True}, TrainConfigError,
+      "unknown training option(s): 'gradient_checkpoint'"),
+     ({"lr_scheduler_type": "no-such-schedule"}, ValueError, "no-such-schedule")],
 )
 def test_bad_trainer_options_fail_before_the_run_folder_is_made(data_dir, tmp_path, options,
-                                                                message):
+                                                                error, message):
     out = tmp_path / "run"
-    with pytest.raises(TrainConfigError, match="^trainer_options: ") as error:
-        train(config(data_dir, out, trainer_options=options))
-    assert message in str(error.value) and not out.exists()
+    with pytest.raises(error) as raised:
+        train(**config(data_dir, out, **options))
+    assert message in str(raised.value) and not out.exists()
 
 
 def test_fine_tunes_a_model_from_a_local_path(data_dir, tmp_path):
-    base = train(config(data_dir, tmp_path / "base", max_steps=1))
-    run = train(config(data_dir, tmp_path / "next", max_steps=2, model=str(base), **FLOWER))
+    base = train(**config(data_dir, tmp_path / "base", max_steps=1))
+    run = train(**config(data_dir, tmp_path / "next", max_steps=2, model=str(base), **FLOWER))
     assert AutoTokenizer.from_pretrained(run).get_vocab() == AutoTokenizer.from_pretrained(
         base
     ).get_vocab()
@@ -415,7 +415,7 @@ def test_fine_tunes_a_model_from_a_local_path(data_dir, tmp_path):
 
 def test_lora_run_saves_a_merged_model(data_dir, tmp_path):
     pytest.importorskip("peft")
-    run = train(config(data_dir, tmp_path / "lora", max_steps=2, lora=True, lora_r=4,
+    run = train(**config(data_dir, tmp_path / "lora", max_steps=2, lora=True, lora_r=4,
                        learning_rate=1e-2, **FLOWER))
     assert not (run / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(run)
@@ -423,7 +423,7 @@ def test_lora_run_saves_a_merged_model(data_dir, tmp_path):
 
 
 def test_bf16_run(data_dir, tmp_path):
-    run = train(config(data_dir, tmp_path / "bf16", max_steps=2, bf16=True, **FLOWER))
+    run = train(**config(data_dir, tmp_path / "bf16", max_steps=2, bf16=True, **FLOWER))
     lines = [line for line in metric_lines(run) if "loss" in line]
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
 
@@ -431,12 +431,13 @@ def test_bf16_run(data_dir, tmp_path):
 def test_ddp_two_processes(data_dir, dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo): the same code, 4 steps of flower."""
     out = tmp_path / "ddp"
-    options = config(data_dir, out, max_steps=4, save_steps=2, eval_steps=2, valid_limit=20,
-                     **FLOWER).to_dict()
+    options = run_options(data_dir, out, max_steps=4, save_steps=2, eval_steps=2,
+                          valid_limit=20, **FLOWER)
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys\nfrom flower_rec.training import TrainConfig, train\n"
-        "train(TrainConfig(**json.loads(sys.argv[1])))\n"
+        "import json, sys\nfrom flower_rec.training import configs_from_options, train\n"
+        "model, data, args = configs_from_options(json.loads(sys.argv[1]))\n"
+        "train(args, data, model)\n"
     )
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not found")
     process = subprocess.run(
@@ -553,7 +554,7 @@ def test_early_stopping_keeps_the_best_checkpoint(data_dir, tmp_path):
     max_steps, and the saved model is the one of the lowest eval_loss, not the last one. With
     save_steps = 3 x eval_steps the best evaluation need not fall on a periodic checkpoint."""
     evaluated = Evaluated()
-    run = train(config(data_dir, tmp_path / "run", save_steps=3, **EARLY), callbacks=[evaluated])
+    run = train(**config(data_dir, tmp_path / "run", save_steps=3, **EARLY), callbacks=[evaluated])
     losses = eval_losses(run)
     steps = sorted(losses)
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < EARLY["max_steps"]
@@ -564,7 +565,7 @@ def test_early_stopping_keeps_the_best_checkpoint(data_dir, tmp_path):
     patience = EARLY["early_stopping_patience"]
     assert best == steps[-1 - patience]  # stopped by patience: the last evaluations were worse
     assert all(losses[s] >= losses[best] for s in steps[-patience:])
-    state = json.loads((run / "checkpoints" / f"checkpoint-{best}" / "trainer_state.json").read_text())
+    state = json.loads((run / f"checkpoint-{best}" / "trainer_state.json").read_text())
     assert state["best_global_step"] == best
     final = weights(run)
     assert_weights_equal(final, evaluated.weights[best])
@@ -575,13 +576,13 @@ def test_resume_continues_the_early_stopping_count(data_dir, tmp_path):
     """A run killed at the last step of the uninterrupted run resumes from the checkpoint before,
     with its patience count (patience - 1 evaluations without improvement): it stops at the
     same step with the same best model."""
-    whole = train(config(data_dir, tmp_path / "whole", save_steps=1, **EARLY))
+    whole = train(**config(data_dir, tmp_path / "whole", save_steps=1, **EARLY))
     last = max(eval_losses(whole))
     out = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config(data_dir, out, save_steps=1, **EARLY), callbacks=[Crash(last)])
+        train(**config(data_dir, out, save_steps=1, **EARLY), callbacks=[Crash(last)])
     session = Steps()
-    train(config(data_dir, out, save_steps=1, resume=True, **EARLY), callbacks=[session])
+    train(**config(data_dir, out, save_steps=1, resume=True, **EARLY), callbacks=[session])
     assert session.steps == [last]  # a restarted count would not stop there
     assert_same_run(out, whole)
 
@@ -636,7 +637,8 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
 
     aux = save_sasrec(SASRec(SASRecConfig(num_items=dataset.num_items)), tmp_path / "aux")
     options = tmp_path / "run.yaml"
-    options.write_text("batch_size: 4\nprogress: false\ntiny_hidden_size: 32\ntiny_layers: 1\n"
+    options.write_text("per_device_train_batch_size: 4\ndisable_tqdm: true\ntiny_hidden_size: 32\n"
+                       "tiny_layers: 1\n"
                        "tiny_heads: 2\ntiny_vocab_size: 400\nlogging_steps: 1\n")
     run = tmp_path / "run"
     assert main(["train", "--config", str(options), "--data", str(data_dir), "--out", str(run),
@@ -644,9 +646,10 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
                  "--eval-steps", "1", "--valid-limit", "4", "--early-stopping-patience", "3",
                  "--max-prompt-tokens", "300"]) == 0
     saved = json.loads((run / CONFIG_FILE).read_text())
-    assert (saved["eval_steps"], saved["valid_limit"], saved["early_stopping_patience"],
-            saved["max_prompt_tokens"]) == (1, 4, 3, 300)
-    assert saved["valid_aux_probabilities"].startswith("<callable")
+    training = saved["training"]
+    assert (training["eval_steps"], training["valid_limit"], training["early_stopping_patience"],
+            training["max_prompt_tokens"], training["per_device_train_batch_size"]) == (1, 4, 3, 300, 4)
+    assert saved["data"]["aux"] == str(aux)
     evals = [line for line in metric_lines(run) if "eval_loss" in line]
     assert [line["step"] for line in evals] == [1, 2] and all("eval_subtb" in e for e in evals)
     # the evaluator takes the same cutoff
@@ -676,7 +679,10 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
         ({"method": "flower", "reward": "logp", "reward_counts": "missing.json"},
          "reward_counts file"),
         ({"floor_count": 0}, "floor_count must be a positive number"),
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive "
+                                              "integer"),
+        ({"method": "flower", "reward": "logp_div_s", "aux": "aux", "aux_probabilities": "p.pt"},
+         "either as aux"),
         ({"domain": "books"}, "unknown domain"),
         ({"early_stopping_patience": 2}, "early_stopping_patience needs eval_steps"),
         ({"valid_limit": 10}, "valid_limit needs eval_steps"),
@@ -693,49 +699,51 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
 )
 def test_bad_configs(data_dir, tmp_path, options, message):
     with pytest.raises(TrainConfigError, match=message):
-        train(config(data_dir, tmp_path / "run", **options))
+        train(**config(data_dir, tmp_path / "run", **options))
 
 
 def test_missing_data_folder(tmp_path):
     with pytest.raises(TrainConfigError, match="data folder .* does not exist"):
-        train(config(tmp_path / "nowhere", tmp_path / "run"))
+        train(**config(tmp_path / "nowhere", tmp_path / "run"))
 
 
 def test_unknown_config_key():
-    with pytest.raises(TrainConfigError, match="unknown training option"):
-        TrainConfig.from_dict({"data": "d", "out": "o", "learning_rat": 1e-3})
+    with pytest.raises(TrainConfigError, match="unknown training option.*'learning_rat'"):
+        configs_from_options({"data": "d", "output_dir": "o", "learning_rat": 1e-3})
+    with pytest.raises(TrainConfigError, match=r"'epochs' \(now num_train_epochs\)"):
+        configs_from_options({"data": "d", "output_dir": "o", "epochs": 2})
 
 
 def test_existing_run_needs_resume_and_the_same_config(data_dir, tmp_path):
     out = tmp_path / "run"
-    train(config(data_dir, out, max_steps=1))
+    train(**config(data_dir, out, max_steps=1))
     with pytest.raises(TrainConfigError, match="already holds a run"):
-        train(config(data_dir, out, max_steps=1))
+        train(**config(data_dir, out, max_steps=1))
     with pytest.raises(TrainConfigError, match=r"different configuration \(learning_rate"):
-        train(config(data_dir, out, max_steps=1, resume=True, learning_rate=1e-3))
+        train(**config(data_dir, out, max_steps=1, resume=True, learning_rate=1e-3))
 
 
 def test_a_run_saved_before_an_option_existed_resumes_with_its_default(data_dir, tmp_path):
     """An older version wrote no key for a later option; the run used that option's default."""
     out = tmp_path / "run"
-    train(config(data_dir, out, max_steps=1))
+    train(**config(data_dir, out, max_steps=1))
     saved = json.loads((out / CONFIG_FILE).read_text())
-    del saved["rollout"], saved["off_policy_share"]
+    del saved["training"]["rollout"], saved["training"]["off_policy_share"]
     (out / CONFIG_FILE).write_text(json.dumps(saved))
-    train(config(data_dir, out, max_steps=1, resume=True))
-    saved["off_policy_share"] = 0.5
+    train(**config(data_dir, out, max_steps=1, resume=True))
+    saved["training"]["off_policy_share"] = 0.5
     (out / CONFIG_FILE).write_text(json.dumps(saved))
     with pytest.raises(TrainConfigError, match=r"different configuration \(off_policy_share"):
-        train(config(data_dir, out, max_steps=1, resume=True))
+        train(**config(data_dir, out, max_steps=1, resume=True))
 
 
 def test_probability_table_of_the_wrong_shape(data_dir, dataset, tmp_path):
     with pytest.raises(TrainConfigError, match="aux_probabilities has shape"):
-        train(config(data_dir, tmp_path / "run", method="flower",
+        train(**config(data_dir, tmp_path / "run", method="flower",
                      aux_probabilities=torch.ones(3, dataset.num_items)))
     train_table = torch.ones(len(dataset.train), dataset.num_items)
     with pytest.raises(TrainConfigError, match=r"valid_aux_probabilities has shape .* \(valid sam"):
-        train(config(data_dir, tmp_path / "run", method="flower", aux_probabilities=train_table,
+        train(**config(data_dir, tmp_path / "run", method="flower", aux_probabilities=train_table,
                      valid_aux_probabilities=train_table, eval_steps=2))
 
 
@@ -863,7 +871,7 @@ def test_published_objective_trains_and_refuses_other_options(dataset, tokenizer
     ids=["published", "masked-conservative-mixed"],
 )
 def test_runs_with_the_new_objectives(data_dir, tmp_path, options):
-    run = train(config(data_dir, tmp_path / "run", method="flower", reward="logp", theta=0.5,
+    run = train(**config(data_dir, tmp_path / "run", method="flower", reward="logp", theta=0.5,
                        max_steps=2, save_steps=2, **options))
     lines = metric_lines(run)
     assert math.isfinite(lines[0]["subtb"]) and ("leakage" in lines[0]) == ("policy" in options)
