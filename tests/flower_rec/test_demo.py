@@ -122,8 +122,8 @@ def test_the_paper_protocol_validates_every_epoch_and_keeps_the_best(tmp_path):
                         guidance="0.5", early_stopping_patience=1, valid_limit=8)
     run_demo(config, [Variant("sft")])
     run = tmp_path / "out" / "runs" / "sft"
-    saved = json.loads((run / "train_config.json").read_text())
-    epoch = math.ceil(len(load_dataset(data).train) / saved["batch_size"])
+    saved = json.loads((run / "train_config.json").read_text())["training"]
+    epoch = math.ceil(len(load_dataset(data).train) / saved["per_device_train_batch_size"])
     assert (saved["eval_steps"], saved["save_steps"]) == (epoch, epoch)
     assert (saved["early_stopping_patience"], saved["valid_limit"]) == (1, 8)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -152,6 +152,8 @@ SHAPING_OPTIONS = (
 
 
 def _check(config: Any, names: list[str]) -> None:
+    """Raises :class:`TrainConfigError` naming the first of ``names`` whose value in ``config``
+    breaks its rule."""
     problem = first_problem({name: getattr(config, name) for name in names},
                             {name: FIELD_RULES[name] for name in names})
     if problem:
@@ -298,8 +300,7 @@ class FlowerConfig(TrainingArguments):
             self.output_dir = os.fspath(self.output_dir)
         _check(self, [name for name in FIELD_RULES if hasattr(self, name)])
         self._check_combinations()
-        evaluates = self.eval_steps is not None
-        if evaluates:
+        if self.eval_steps is not None:
             self.eval_strategy = "steps"
         if self.early_stopping_patience is not None:
             # The best model is restored from a checkpoint, and a resumed run continues its
@@ -352,6 +353,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     if f.init and (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING)
 }
 """Every option's default, by name (``data`` and ``output_dir`` have none)."""
+
 
 def configs_from_options(
     options: Mapping[str, Any],
