@@ -2,7 +2,8 @@
 than SFT beyond seed noise, at SFT's accuracy?
 
 Trains each named variant (:mod:`flower_rec.variants`) with the tiny default model on the
-default synthetic dataset (the demo's data, seed 0), popularity rewards (``logp``), under the
+default synthetic dataset (the demo's data, seed 0), popularity rewards (``logp``; a variant that
+names its own reward keeps it), under the
 paper's protocol (up to 7 epochs, the validation loss every epoch on 500 valid samples, early
 stopping with patience 2, the best epoch kept), for each seed; decodes every model on the test
 split with beam search, flow-guided beam search (chosen on the valid split) and sampled top-K;
@@ -48,7 +49,7 @@ MIN_ACCURACY = 0.95
 
 def plan(names: list[str], seeds: list[int]) -> list[Variant]:
     return [
-        Variant(f"{name}-seed{seed}", {**variant_options(name), "reward": "logp"}, seed=seed)
+        Variant(f"{name}-seed{seed}", {"reward": "logp", **variant_options(name)}, seed=seed)
         for seed in seeds for name in names
     ]
 

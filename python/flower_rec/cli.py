@@ -385,8 +385,9 @@ def _add_screen(commands) -> None:
         "screen",
         help="what each reward's exact top-K would give, before any training",
         description="Scores every user's items by each reward variant (logp; with --aux also "
-        "the personalised logp_div_s and logp_add_logs) and takes the exact top-K: what beam "
-        "search on a model that fits the reward perfectly converges to. Prints NDCG/HR@K, DGU, "
+        "the personalised logp_div_s, logp_add_logs and p_div_pop) and takes the exact top-K: "
+        "what beam search on a model that fits the reward perfectly converges to. Prints "
+        "NDCG/HR@K, DGU, "
         "MGU, word entropy, distinct titles and the targets' entropy, beside SASRec's own top-K "
         "and SASRec's scores under flow guidance at several betas (with --aux).",
     )

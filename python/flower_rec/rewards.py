@@ -41,8 +41,17 @@ for each sample's history (rows sum to 1 or not; only ratios and ranks within a 
   item of every row, so it is clamped to at least :data:`MIN_MINMAX_SCALE` (1e-6, a factor
   e^-13.8) for the same reason.
 
+- ``p_div_pop`` (ours, not the paper's): ``log p̄_ui - beta x log(R_o / Z)`` with ``p̄`` the row
+  normalised to sum 1, i.e. the reward ``p̄_ui / (R_o / Z) ** beta``: the auxiliary
+  recommender's distribution with popularity divided out to the power ``beta``
+  (``popularity_exponent``, 0.25 by default). It is the item-level form of flow-guided decoding
+  of the auxiliary recommender, whose exact top-10 ``flower-rec screen`` finds both fair and
+  accurate (the "SASRec, guidance beta" rows): a reward whose mode is fair, where the
+  popularity-based ones make the model's mode the popular titles. ``p̄`` is clamped to at least
+  :data:`MIN_PROBABILITY` (a factor e^-27.6) for a finite log-reward.
+
 A row whose probabilities are all equal carries no preference: its scales are 1 (``s = s' = 1``),
-which gives that user the ``logp`` rewards.
+which gives that user the ``logp`` rewards (and ``p_div_pop`` the inverse-popularity ones).
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ __all__ = [
     "DEFAULT_FLOOR_COUNT",
     "MIN_CENTRED_SCALE",
     "MIN_MINMAX_SCALE",
+    "MIN_PROBABILITY",
+    "DEFAULT_POPULARITY_EXPONENT",
     "REWARD_VARIANTS",
     "PopularityRewards",
     "centred_scale",
@@ -68,13 +79,18 @@ __all__ = [
 ]
 
 #: The reward variants (docs/method.md section 3.2); ``logp_div_s`` is the paper's default.
-REWARD_VARIANTS = ("logp", "logp_div_s", "logp_add_logs")
+REWARD_VARIANTS = ("logp", "logp_div_s", "logp_add_logs", "p_div_pop")
 #: Count given to titles without a training-history count: half the smallest real count (1).
 DEFAULT_FLOOR_COUNT = 0.5
 #: Lower bound of ``s_ui`` in ``logp_div_s`` (caps the exponent ``1 / s`` at 100).
 MIN_CENTRED_SCALE = 1e-2
 #: Lower bound of ``s'_ui`` in ``logp_add_logs`` (its log is at least -13.8).
 MIN_MINMAX_SCALE = 1e-6
+#: Lower bound of the normalised ``p̄_ui`` in ``p_div_pop`` (its log is at least -27.6).
+MIN_PROBABILITY = 1e-12
+#: ``beta`` of ``p_div_pop``: the screen's fair and accurate guidance strength on the synthetic
+#: data's valid split (docs/ablation.md, round 3).
+DEFAULT_POPULARITY_EXPONENT = 0.25
 # Rows whose max - min is below this (relative to the max) are treated as uniform.
 _UNIFORM_TOLERANCE = 1e-12
 
@@ -122,12 +138,16 @@ def min_max_scale(probabilities: Tensor) -> Tensor:
 
 
 def personalise(
-    log_rewards: Tensor, variant: str, probabilities: Tensor | None = None
+    log_rewards: Tensor,
+    variant: str,
+    probabilities: Tensor | None = None,
+    popularity_exponent: float = DEFAULT_POPULARITY_EXPONENT,
 ) -> Tensor:
     """Applies a reward ``variant`` to normalised item log-rewards ``log(R_o / Z)`` ``[I]``.
 
     ``logp`` returns them unchanged (``[I]``; with ``probabilities``, expanded to ``[B, I]``);
-    the personalised variants need ``probabilities [B, I]`` and return ``[B, I]``.
+    the personalised variants need ``probabilities [B, I]`` and return ``[B, I]``;
+    ``popularity_exponent`` is the ``beta`` of ``p_div_pop``.
     """
     if variant not in REWARD_VARIANTS:
         raise ValueError(f"unknown reward variant {variant!r}; expected one of {REWARD_VARIANTS}")
@@ -144,6 +164,12 @@ def personalise(
         return base.expand(p.shape[0], -1)
     if variant == "logp_div_s":
         return base / centred_scale(p)
+    if variant == "p_div_pop":
+        if not (math.isfinite(popularity_exponent) and popularity_exponent >= 0):
+            raise ValueError(f"popularity_exponent must be a non-negative number, got "
+                             f"{popularity_exponent!r}")
+        normalised = p / p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+        return torch.log(normalised.clamp(min=MIN_PROBABILITY)) - popularity_exponent * base
     return base + torch.log(min_max_scale(p))
 
 
@@ -221,6 +247,7 @@ class PopularityRewards:
         variant: str = "logp",
         probabilities: Tensor | None = None,
         *,
+        popularity_exponent: float = DEFAULT_POPULARITY_EXPONENT,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> Tensor:
@@ -231,5 +258,6 @@ class PopularityRewards:
             probabilities.device if probabilities is not None else "cpu"
         )
         base = self.log_rewards.to(device)
-        rewards = personalise(base, variant, probabilities) - self.log_share.to(device)
+        rewards = personalise(base, variant, probabilities, popularity_exponent)
+        rewards = rewards - self.log_share.to(device)
         return rewards.to(dtype)

@@ -12,6 +12,9 @@ is a set of :class:`flower_rec.training.FlowerConfig` options on top of a run's 
 - ``subtb-masked-conservative-mixed``: the same on half on-policy rollouts and half items drawn
   from R_u / Z_u (no model forward).
 - ``flow-matching-<theta>``: teacher-forced flow matching at theta 0.5, 0.9, 0.99, 0.999.
+- ``subtb-masked-conservative-mixed-p-div-pop``: the mixed variant on the reward ``p_div_pop``
+  (p_u with popularity divided out, beta 0.25), whose own top-10 is fair (docs/ablation.md,
+  round 3). The others take the run's reward (the ablation's: ``logp``).
 
 The new SubTB variants use theta 0.5: their flow terms stay at the size of the SFT loss (below
 2 nats per pair on the fixed batch of ``scripts/flow_fit.py``), unlike the published SubTB,
@@ -40,6 +43,10 @@ TRAINING_VARIANTS: dict[str, dict[str, Any]] = {
         f"flow-matching-{theta:g}": {"method": "flower", "flow_loss": "flow_matching",
                                      "theta": theta}
         for theta in (0.5, 0.9, 0.99, 0.999)
+    },
+    "subtb-masked-conservative-mixed-p-div-pop": {
+        "method": "flower", "flow_loss": "subtb", "policy": "masked", "leakage_weight": 1.0,
+        "off_policy_share": 0.5, "theta": 0.5, "reward": "p_div_pop", "popularity_exponent": 0.25,
     },
 }
 

@@ -1,15 +1,19 @@
-"""Item rewards of the Flower loss (flower_rec.rewards) on hand-computed examples."""
+"""Item rewards of the Flower loss (flower_rec.rewards) on hand-computed examples, and
+p_div_pop against its formula on random rows."""
 
 import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flower_ext import Trie
 from flower_rec.data import popularity_counts, prepare_synthetic
 from flower_rec.rewards import (
     MIN_CENTRED_SCALE,
     MIN_MINMAX_SCALE,
+    MIN_PROBABILITY,
     PopularityRewards,
     centred_scale,
     min_max_scale,
@@ -90,6 +94,39 @@ def test_logp_add_logs(rewards):
     torch.testing.assert_close(got, (rewards.log_rewards + s.log() - rewards.log_share)[None])
 
 
+def test_p_div_pop(rewards, trie):
+    """p_u normalised per row, divided by (R / Z) ** beta; the shared title's leaf holds the mean
+    of its two ids' rewards; a zero p_u is floored; beta 0 leaves p_u's own ranking."""
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64) * 7  # any row scale
+    got = rewards.item_log_rewards("p_div_pop", p, popularity_exponent=0.5, dtype=torch.float64)
+    shares = torch.tensor([0.1, 0.2, 0.3, 0.4, MIN_PROBABILITY], dtype=torch.float64)
+    expected = shares.log() - 0.5 * rewards.log_rewards - rewards.log_share
+    torch.testing.assert_close(got, expected[None])
+    flows = trie.log_flows(got)
+    mean = (0.1 + 0.3) / 2 / (4 / Z) ** 0.5
+    assert flows[0, node_of(trie, [1, EOS])].item() == pytest.approx(math.log(mean))
+    flat = rewards.item_log_rewards("p_div_pop", p, popularity_exponent=0.0, dtype=torch.float64)
+    torch.testing.assert_close(flat, (shares.log() - rewards.log_share)[None])
+
+
+@given(
+    st.lists(st.floats(1e-6, 1.0), min_size=5, max_size=5),
+    st.floats(0.0, 3.0),
+)
+def test_p_div_pop_is_p_u_over_popularity_to_the_beta(row, beta):
+    """Reference: reward_i = (p_i / sum p) / (R_i / Z) ** beta / k_i, computed in plain Python."""
+    rewards = PopularityRewards.from_counts(TITLES, COUNTS, floor_count=0.5)
+    p = torch.tensor([row], dtype=torch.float64)
+    got = rewards.item_log_rewards("p_div_pop", p, popularity_exponent=beta, dtype=torch.float64)
+    total = math.fsum(row)
+    multiplicity = [TITLES.count(title) for title in TITLES]
+    expected = [
+        math.log(value / total) - beta * math.log(count / Z) - math.log(k)
+        for value, count, k in zip(row, rewards.title_counts, multiplicity)
+    ]
+    torch.testing.assert_close(got[0], torch.tensor(expected, dtype=torch.float64))
+
+
 def test_rows_are_personalised_independently(rewards):
     p = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.4, 0.3, 0.2, 0.1, 0.0]], dtype=torch.float64)
     got = rewards.item_log_rewards("logp_div_s", p, dtype=torch.float64)
@@ -113,8 +150,9 @@ def test_scale_guards_keep_rewards_finite(rewards):
     assert centred_scale(p)[0, -1].item() == MIN_CENTRED_SCALE
     assert min_max_scale(p)[0, -1].item() == MIN_MINMAX_SCALE
     p = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
-    for variant in ("logp_div_s", "logp_add_logs"):
+    for variant in ("logp_div_s", "logp_add_logs", "p_div_pop"):
         assert torch.isfinite(rewards.item_log_rewards(variant, p)).all()
+    assert torch.isfinite(rewards.item_log_rewards("p_div_pop", torch.zeros(1, 5))).all()
 
 
 def test_bad_input(rewards):
@@ -128,6 +166,9 @@ def test_bad_input(rewards):
         rewards.item_log_rewards("logp_div_s", torch.ones(2, 4))
     with pytest.raises(ValueError, match="NaN"):
         rewards.item_log_rewards("logp_div_s", torch.full((1, 5), float("nan")))
+    for beta in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="popularity_exponent must be a non-negative number"):
+            rewards.item_log_rewards("p_div_pop", torch.ones(1, 5), popularity_exponent=beta)
 
 
 def test_from_dataset_uses_the_training_history_counts(tmp_path):

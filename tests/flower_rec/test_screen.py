@@ -41,8 +41,9 @@ def test_sasrec_rows_rank_by_p_u_and_guidance_lowers_popular_items(dataset):
     p = torch.full((len(samples), dataset.num_items), 1e-3)
     p[torch.arange(len(samples)), torch.tensor([s.target for s in samples])] = 1.0
     rows = screen(dataset, p / p.sum(1, keepdim=True), k=10, betas=(0.5, 50.0))
-    assert list(rows) == ["reward logp", "reward logp_div_s", "reward logp_add_logs", "SASRec",
-                          "SASRec, guidance beta 0.5", "SASRec, guidance beta 50"]
+    assert list(rows) == ["reward logp", "reward logp_div_s", "reward logp_add_logs",
+                          "reward p_div_pop", "SASRec", "SASRec, guidance beta 0.5",
+                          "SASRec, guidance beta 50"]
     assert rows["SASRec"]["HR@10"] == 1.0  # the target has the highest p_u
     # A huge beta ranks by inverse popularity: the most popular group vanishes from the lists.
     assert rows["SASRec, guidance beta 50"]["GP"][0] < rows["SASRec"]["GP"][0]

@@ -30,7 +30,7 @@ from ..config_checks import (
     shown,
 )
 from ..prompts import DOMAINS
-from ..rewards import DEFAULT_FLOOR_COUNT, REWARD_VARIANTS
+from ..rewards import DEFAULT_FLOOR_COUNT, DEFAULT_POPULARITY_EXPONENT, REWARD_VARIANTS
 
 METHODS = ("sft", "flower")
 FLOW_LOSSES = ("subtb", "flow_matching")
@@ -55,7 +55,8 @@ def published_rollout_fits(
     """Whether the options leave the released SubTB step as it is (``rollout: published``
     reproduces that step alone: :data:`PUBLISHED_ROLLOUT_NEEDS`)."""
     return (flow_loss == "subtb" and policy == "full" and not leakage_weight
-            and not off_policy_share and rollout_temperature == 1 and reward != "logp_add_logs")
+            and not off_policy_share and rollout_temperature == 1
+            and reward in ("logp", "logp_div_s"))
 
 
 def epoch_protocol(num_samples: int, batch_size: int, patience: int, valid_limit: int) -> dict:
@@ -104,6 +105,7 @@ FIELD_RULES: dict[str, Rule] = {
     "method": one_of(METHODS),
     "theta": number(0, 1, must="lie in [0, 1]"),
     "reward": one_of(REWARD_VARIANTS),
+    "popularity_exponent": _NON_NEGATIVE,
     "flow_loss": one_of(FLOW_LOSSES),
     "policy": one_of(POLICIES),
     "leakage_weight": _NON_NEGATIVE,
@@ -238,7 +240,10 @@ class FlowerConfig(TrainingArguments):
     theta: float = _option(0.9995, "weight of SFT in theta x SFT + (1 - theta) x flow (flower)")
     reward: str = _option(
         "logp_div_s", "logp; logp_div_s (the paper's) or logp_add_logs, personalised by p_u "
-        "(--aux)", **_choices("reward"))
+        "(--aux); p_div_pop (ours): p_u divided by popularity to the popularity_exponent",
+        **_choices("reward"))
+    popularity_exponent: float = _option(
+        DEFAULT_POPULARITY_EXPONENT, "beta of the p_div_pop reward, p_u / (R / Z) ** beta")
     flow_loss: str = _option(
         "subtb", "subtb: on-policy sub-trajectory balance (the paper's); flow_matching: "
         "teacher-forced on the target path, no sampling", **_choices("flow_loss"))

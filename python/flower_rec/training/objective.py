@@ -24,7 +24,7 @@ from ..loop import (
     rollout,
     with_termination,
 )
-from ..rewards import PopularityRewards
+from ..rewards import DEFAULT_POPULARITY_EXPONENT, PopularityRewards
 from .config import (
     FLOW_LOSSES,
     METHODS,
@@ -78,6 +78,7 @@ class FlowerObjective:
         flow_loss: ``"subtb"`` or ``"flow_matching"``.
         rewards: popularity rewards (flower).
         reward_variant: see :mod:`flower_rec.rewards`.
+        popularity_exponent: ``beta`` of the ``p_div_pop`` reward.
         probabilities: ``p_u`` source for the personalised variants.
         policy: ``"full"`` (the full-vocabulary softmax, the method's) or ``"masked"`` (π
             renormalised over the trie children: :func:`flower_ext.losses.masked_subtb_loss`,
@@ -104,6 +105,7 @@ class FlowerObjective:
         flow_loss: str = "subtb",
         rewards: PopularityRewards | None = None,
         reward_variant: str = "logp",
+        popularity_exponent: float = DEFAULT_POPULARITY_EXPONENT,
         probabilities: ProbabilitySource | None = None,
         policy: str = "full",
         leakage_weight: float = 0.0,
@@ -120,6 +122,7 @@ class FlowerObjective:
         for name, value, low, high in (
             ("leakage_weight", leakage_weight, 0.0, float("inf")),
             ("off_policy_share", off_policy_share, 0.0, 1.0),
+            ("popularity_exponent", popularity_exponent, 0.0, float("inf")),
         ):
             if not low <= value <= high or value != value or value == float("inf"):
                 raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
@@ -148,6 +151,7 @@ class FlowerObjective:
         self.flow_loss = flow_loss
         self.rewards = rewards
         self.reward_variant = reward_variant
+        self.popularity_exponent = float(popularity_exponent)
         self.probabilities = probabilities
         self.policy = policy
         self.leakage_weight = float(leakage_weight)
@@ -245,7 +249,8 @@ class FlowerObjective:
         if "rewards" in state:
             return state["rewards"]
         return self.rewards.item_log_rewards(
-            self.reward_variant, self._p_u(sample_index, probabilities).to(device), device=device
+            self.reward_variant, self._p_u(sample_index, probabilities).to(device),
+            popularity_exponent=self.popularity_exponent, device=device,
         )
 
     def _p_u(self, sample_index: Tensor, probabilities: ProbabilitySource | None) -> Tensor:

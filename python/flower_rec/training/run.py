@@ -387,6 +387,7 @@ def train(
         flow_loss=args.flow_loss,
         rewards=rewards,
         reward_variant=args.reward,
+        popularity_exponent=args.popularity_exponent,
         probabilities=probabilities,
         policy=args.policy,
         leakage_weight=args.leakage_weight,

@@ -183,6 +183,7 @@ CASES = {
     "flower-logp": {"method": "flower", "reward_variant": "logp"},
     "flower-logp_div_s": {"method": "flower", "reward_variant": "logp_div_s"},
     "flower-logp_add_logs": {"method": "flower", "reward_variant": "logp_add_logs"},
+    "masked-p_div_pop": {"method": "flower", "reward_variant": "p_div_pop", "policy": "masked"},
     "flow_matching": {"method": "flower", "reward_variant": "logp", "flow_loss": "flow_matching"},
     "subtb-alone": {"method": "flower", "reward_variant": "logp_div_s", "theta": 0.0},
     "masked-subtb": {"method": "flower", "reward_variant": "logp_div_s", "policy": "masked"},
@@ -222,6 +223,8 @@ FITTING = {
     "flow_matching": {"flow_loss": "flow_matching"},
     "masked-subtb-off-policy": {"policy": "masked", "off_policy_share": 1.0},
     "masked-subtb-on-policy": {"policy": "masked"},
+    "masked-subtb-mixed-p_div_pop": {"policy": "masked", "off_policy_share": 0.5,
+                                     "reward_variant": "p_div_pop"},
 }
 
 
@@ -230,10 +233,11 @@ def test_flow_objectives_alone_bring_items_out_in_proportion_to_their_reward(
     dataset, tokenizer, catalog, variant
 ):
     """The method's promise, end to end through the trie, the flows and the loss: trained on
-    the flow term alone (theta = 0, popularity rewards), the model's trie-constrained item
-    distribution for the prompt becomes R / Z (KL well below the untrained model's and below an
-    SFT model trained alike). Flow matching over target paths that visit every trie state; the
-    masked SubTB on trajectories drawn from R / Z, or from the model itself."""
+    the flow term alone (theta = 0, popularity rewards, or the personalised p_div_pop of one
+    sample's p_u), the model's trie-constrained item distribution for the prompt becomes R / Z
+    (KL well below the untrained model's and below an SFT model trained alike). Flow matching
+    over target paths that visit every trie state; the masked SubTB on trajectories drawn from
+    R / Z, or from the model itself, or half and half."""
     from flower_rec.decoding import TrieDecoder
 
     prompt = encode_samples(dataset, "train", tokenizer, catalog).prompts[0]
@@ -242,8 +246,12 @@ def test_flow_objectives_alone_bring_items_out_in_proportion_to_their_reward(
         for sequence in catalog.item_tokens.sequences
     ]
     batch = RecommendationCollator(tokenizer.pad_token_id)(features)
-    rewards = PopularityRewards.from_dataset(dataset)
-    target = torch.softmax(rewards.item_log_rewards("logp").double(), dim=0)
+    options = {"theta": 0.0, "reward_variant": "logp", **FITTING[variant]}
+    p = fake_probabilities(len(dataset.train), dataset.num_items)
+    p_u = {"probabilities": lambda index: p[index]}  # every row is sample 0's
+    flows = objective(dataset, tokenizer, catalog, method="flower", **p_u, **options)
+    log_rewards = flows.item_log_rewards(torch.tensor([0]), torch.device("cpu"))
+    target = torch.softmax(log_rewards.double().reshape(-1, dataset.num_items)[0], dim=0)
 
     def divergence(model) -> float:  # KL(R/Z || model's item distribution)
         decoder = TrieDecoder(model.eval(), tokenizer, catalog, progress=False)
@@ -251,8 +259,8 @@ def test_flow_objectives_alone_bring_items_out_in_proportion_to_their_reward(
         return float((target * (target.log() - log_q)).sum())
 
     def trained(method: str) -> float:
-        options = {"theta": 0.0, **FITTING[variant]} if method == "flower" else {}
-        loss = objective(dataset, tokenizer, catalog, method=method, reward_variant="logp", **options)
+        loss = objective(dataset, tokenizer, catalog, method=method, **p_u,
+                         **(options if method == "flower" else {}))
         model = new_model(tokenizer, layers=2)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         for step in range(120):
@@ -672,6 +680,9 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
         ({"flow_loss": "tb"}, "unknown flow_loss"),
         ({"method": "flower", "policy": "greedy"}, "unknown policy 'greedy'"),
         ({"method": "flower", "leakage_weight": -1}, "leakage_weight must be a non-negative"),
+        ({"method": "flower", "popularity_exponent": -1}, "popularity_exponent must be a non-neg"),
+        ({"method": "flower", "reward": "p_div_pop", "rollout": "published"},
+         "rollout 'published' is the released SubTB step alone"),
         ({"method": "flower", "off_policy_share": 1.2}, r"off_policy_share must lie in \[0, 1\]"),
         ({"rollout_temperature": 0}, "rollout_temperature must be a positive number"),
         ({"method": "flower", "reward": "logp", "rollout": "published", "policy": "masked"},

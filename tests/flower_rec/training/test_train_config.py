@@ -33,9 +33,11 @@ COUNTS = ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_vocab_size", "l
 OPTIONAL_COUNTS = ("max_prompt_tokens", "save_total_limit", "eval_steps", "valid_limit",
                    "early_stopping_patience")
 POSITIVE_NUMBERS = ("learning_rate", "floor_count", "lora_alpha", "rollout_temperature")
-NON_NEGATIVE_NUMBERS = ("weight_decay", "max_grad_norm", "num_train_epochs", "leakage_weight")
+NON_NEGATIVE_NUMBERS = ("weight_decay", "max_grad_norm", "num_train_epochs", "leakage_weight",
+                        "popularity_exponent")
 BOOLEANS = ("lora", "bf16", "resume")
-CHOICES = {"method": ("sft", "flower"), "reward": ("logp", "logp_div_s", "logp_add_logs"),
+CHOICES = {"method": ("sft", "flower"),
+           "reward": ("logp", "logp_div_s", "logp_add_logs", "p_div_pop"),
            "flow_loss": ("subtb", "flow_matching"), "policy": ("full", "masked"),
            "rollout": ("ours", "published"),
            "domain": ("items", "movies", "video_games", "cds")}
