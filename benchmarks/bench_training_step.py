@@ -156,9 +156,10 @@ def build_setup(data_dir: Path) -> Setup:
     )
 
 
-def make_objective(setup: Setup, **options):
-    """The objective of ``options`` (FlowerObjective arguments: method, flow_loss, theta, ...)
-    over the set-up's catalog, rewards and p_u."""
+def make_objective(setup: Setup, reward: str | None = None, **options):
+    """The objective of ``options`` (FlowerObjective arguments: method, flow_loss, theta, ...;
+    ``reward`` as a variant names it, the set-up's by default) over the set-up's catalog,
+    rewards and p_u."""
     from flower_rec.training import FlowerObjective
 
     config = setup.config
@@ -167,7 +168,7 @@ def make_objective(setup: Setup, **options):
         eos_token_id=setup.tokenizer.eos_token_id,
         **{"theta": config.theta, **options},
         rewards=setup.rewards,
-        reward_variant=config.reward,
+        reward_variant=config.reward if reward is None else reward,
         probabilities=setup.probabilities,
     )
 
