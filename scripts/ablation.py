@@ -18,6 +18,7 @@ until it completes: a session that ends mid-way loses at most the run in progres
 
 ``--finished`` reports what is done: the runs of ``--variants`` and ``--seeds`` already finished
 in ``--out`` (the tables, the verdicts and ``report.json``), training and decoding nothing.
+``groups-by-variant.png`` shows each variant's group shares (mean over its seeds) per decoding.
 
 ``--data`` runs the same protocol on a dataset folder instead (the Video_Games part of
 docs/ablation.md, with ``--domain video_games``).
@@ -32,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, is_finished, run_demo
+from flower_rec.plots import plot_group_share_panels
 from flower_rec.prompts import DOMAINS
 from flower_rec.training import METRICS_FILE
 from flower_rec.variants import TRAINING_VARIANTS, variant_options
@@ -62,6 +64,19 @@ def grouped(report: dict, decoding: str) -> dict[str, dict[str, dict]]:
         if row_decoding == decoding:
             groups[run.rsplit("-seed", 1)[0]][run] = metrics
     return groups
+
+
+def plot_variant_groups(report: dict, path: Path) -> Path:
+    """One panel per decoding, one bar series per variant: its GP averaged over its seeds."""
+    panels = {
+        decoding: {
+            name: [statistics.fmean(shares) for shares in zip(*(m["GP"] for m in runs.values()))]
+            for name, runs in grouped(report, decoding).items()
+        }
+        for decoding in DECODINGS
+    }
+    title = "Recommendation share per popularity group, mean over seeds (test split)"
+    return plot_group_share_panels(report["GH"], panels, path, title)
 
 
 def kept_epoch(run_dir: Path) -> str:
@@ -153,6 +168,7 @@ def main() -> int:
     report = run_demo(config, variants)
     report["verdicts"] = verdicts(report)
     (Path(args.out) / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
+    plot_variant_groups(report, Path(args.out) / "groups-by-variant.png")
     for decoding in DECODINGS:
         print(summary_table(report, decoding, Path(args.out)), end="\n\n")
     print("\n".join(report["verdicts"]))

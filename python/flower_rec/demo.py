@@ -232,7 +232,7 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
     reward) and returns the report (also written to ``report.json``)."""
     from .auxiliary import training_probabilities
     from .data import prepare_synthetic
-    from .plots import plot_group_shares
+    from .plots import plot_group_share_panels
 
     variants = config.default_variants() if variants is None else variants
     names = [variant.name for variant in variants]
@@ -273,9 +273,10 @@ def run_demo(config: DemoConfig, variants: list[Variant] | None = None) -> dict:
     if BASELINE in rows:
         report["claim"] = claim_verdicts(rows)
     write_report(report, out / "report.json")
-    plot_group_shares(
+    plot_group_share_panels(
         shares,
-        {label: metrics["GP"] for label, metrics in rows.items()},
+        {decoding: {variant.name: rows[f"{variant.name}, {decoding}"]["GP"]
+                    for variant in variants} for decoding in DECODINGS},
         out / "groups.png",
         title=f"Recommendation share per popularity group ({dataset.name} test split)",
     )

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from .files import atomic_write_bytes
 
-__all__ = ["plot_distribution_fit", "plot_group_shares", "plot_guidance_curve"]
+__all__ = [
+    "plot_distribution_fit",
+    "plot_group_share_panels",
+    "plot_group_shares",
+    "plot_guidance_curve",
+]
 
 DEFAULT_TITLE = "Recommendation share vs training share per popularity group"
 
@@ -39,19 +44,80 @@ def plot_group_shares(
     there by definition). The PNG is ``figsize * dpi`` pixels (1200 x 675 by default) and is
     written atomically. Returns the path.
     """
+    outside = None if outside_by_method is None else {"": outside_by_method}
+    return plot_group_share_panels(group_shares, {"": gp_by_method}, path, title,
+                                   outside=outside, figsize=figsize, dpi=dpi)
+
+
+def plot_group_share_panels(
+    group_shares: Sequence[float],
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike,
+    title: str = DEFAULT_TITLE,
+    *,
+    outside: Mapping[str, Mapping[str, float]] | None = None,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = 150,
+) -> Path:
+    """:func:`plot_group_shares` with one panel per entry of ``panels`` (its key the panel's
+    title, e.g. a decoding; its value that panel's ``gp_by_method``), stacked and sharing the
+    axes, so that many methods stay readable: past six methods the legend moves to the right of
+    the panels, and one legend serves when every panel has the same methods. ``outside``: each panel's ``outside_by_method``. The default size grows with the
+    number of panels (10 x 1.2 + 3 inches each; 8 x 4.5 for one panel)."""
     gh = [float(share) for share in group_shares]
-    num_groups = len(gh)
-    if num_groups == 0:
+    if not gh:
         raise ValueError("at least one popularity group is needed")
-    for method, gp in gp_by_method.items():
-        if len(gp) != num_groups:
-            raise ValueError(f"{method!r} has {len(gp)} group shares, expected {num_groups}")
-    if outside_by_method is not None:
-        missing = set(gp_by_method) - set(outside_by_method)
+    if not panels:
+        raise ValueError("at least one panel is needed")
+    for panel, gp_by_method in panels.items():
+        for method, gp in gp_by_method.items():
+            if len(gp) != len(gh):
+                raise ValueError(f"{method!r} has {len(gp)} group shares, expected {len(gh)}")
+        missing = set(gp_by_method) - set((outside or {}).get(panel, gp_by_method))
         if missing:
             raise ValueError(f"outside_by_method lacks {sorted(missing)}")
 
-    labels = [str(group) for group in range(num_groups)]
+    if figsize is None:
+        figsize = (8.0, 4.5) if len(panels) == 1 else (10.0, 1.2 + 3.0 * len(panels))
+    figure = _new_figure(figsize, dpi)
+    grid = figure.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    many = max(len(gp_by_method) for gp_by_method in panels.values()) > 6
+    # The same methods in every panel have the same colours: one legend says it.
+    shared_legend = len({tuple(gp_by_method) for gp_by_method in panels.values()}) == 1
+    highest = 0.0
+    for index, (axes, (panel, gp_by_method)) in enumerate(zip(grid, panels.items())):
+        outside_shares = None if outside is None else outside[panel]
+        labels, top = _group_bars(axes, gh, gp_by_method, outside_shares)
+        highest = max(highest, top)
+        axes.set_ylabel("share of items")
+        axes.grid(axis="y", alpha=0.35)
+        axes.set_axisbelow(True)
+        if panel:
+            axes.set_title(panel, fontsize="medium")
+        if index and shared_legend:
+            continue
+        if many:
+            axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                        fontsize="small")
+        else:
+            axes.legend(loc="upper right", frameon=False)
+    grid[-1].set_xticks(range(len(labels)), labels)
+    grid[-1].set_xlabel("popularity group (0 = most popular, by training count)")
+    grid[0].set_ylim(0, max(1e-9, highest) * 1.12)  # shared by every panel
+    if len(panels) > 1:
+        figure.suptitle(title)
+    else:
+        grid[0].set_title(title)
+    return _save(figure, path, dpi)
+
+
+def _group_bars(
+    axes, gh: list[float], gp_by_method: Mapping[str, Sequence[float]],
+    outside_by_method: Mapping[str, float] | None,
+) -> list[str]:
+    """The bars of one panel (GH grey and hatched, readable in greyscale too, then one colour
+    per method); returns the cluster labels and the highest bar."""
+    labels = [str(group) for group in range(len(gh))]
     series: list[tuple[str, list[float]]] = [("training share (GH)", gh)]
     for method, gp in gp_by_method.items():
         values = [float(value) for value in gp]
@@ -61,33 +127,25 @@ def plot_group_shares(
     if outside_by_method is not None:
         labels.append("outside")
         series[0] = (series[0][0], gh + [0.0])
-
-    figure, axes = _new_axes(figsize, dpi)
     width = 0.8 / len(series)
-    colors = [f"C{index % 10}" for index in range(len(series))]
     for index, (label, values) in enumerate(series):
         offsets = [x + (index - (len(series) - 1) / 2) * width for x in range(len(labels))]
-        # GH grey and hatched (readable in greyscale too), then one colour per method
-        style = {"color": "0.6", "hatch": "//"} if index == 0 else {"color": colors[index - 1]}
+        style = {"color": "0.6", "hatch": "//"} if index == 0 else {"color": f"C{(index - 1) % 10}"}
         axes.bar(offsets, values, width, label=label, edgecolor="0.25", linewidth=0.6, **style)
-    axes.set_xticks(range(len(labels)), labels)
-    axes.set_xlabel("popularity group (0 = most popular, by training count)")
-    axes.set_ylabel("share of items")
-    axes.set_ylim(0, max(1e-9, max(max(values) for _, values in series)) * 1.12)
-    axes.set_title(title)
-    axes.grid(axis="y", alpha=0.35)
-    axes.set_axisbelow(True)
-    axes.legend(loc="upper right", frameon=False)
-
-    return _save(figure, path, dpi)
+    return labels, max(max(values) for _, values in series)
 
 
-def _new_axes(figsize: tuple[float, float], dpi: int):
+def _new_figure(figsize: tuple[float, float], dpi: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
+    return figure
+
+
+def _new_axes(figsize: tuple[float, float], dpi: int):
+    figure = _new_figure(figsize, dpi)
     return figure, figure.add_subplot()
 
 

@@ -337,6 +337,23 @@ def test_plot_group_shares_png(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_plot_group_share_panels_png(tmp_path):
+    """One panel per decoding, many methods: a taller figure, sized by its panels; a method with
+    the wrong number of groups and an empty figure are refused, nothing written."""
+    from flower_rec.plots import plot_group_share_panels
+
+    gh = [0.5, 0.3, 0.2]
+    methods = {f"variant {index}": [0.6, 0.3, 0.1] for index in range(9)}
+    panels = {"beam": methods, "guided-beam": methods, "sampled-top-k": methods}
+    path = plot_group_share_panels(gh, panels, tmp_path / "panels.png", dpi=100)
+    assert _png_size(path.read_bytes()) == (1000, 1020)  # 10 x (1.2 + 3 x 3) inches
+    with pytest.raises(ValueError, match="expected 3"):
+        plot_group_share_panels(gh, {"beam": {"bad": [1.0]}}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="at least one panel"):
+        plot_group_share_panels(gh, {}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_plot_distribution_fit_png(tmp_path):
     from flower_rec.plots import plot_distribution_fit
 
