@@ -144,15 +144,25 @@ def _training_parser():
     configuration classes (every field a flag, its help from the field), and ``--config``."""
     from transformers import HfArgumentParser
 
-    from .training import CONFIG_CLASSES
+    from .training import CONFIG_CLASSES, METHOD_OPTIONS
 
     parser = HfArgumentParser(
         CONFIG_CLASSES,
         prog="flower-rec train",
         description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file of training options (the flags' names, "
                         "e.g. eval_steps); flags given as well override it")
+    # --help lists the data, the model and the method before the Trainer's ~130 options:
+    # argparse's groups are shown in their list's order.
+    method = parser.add_argument_group("the method (FlowerConfig's own options)")
+    for action in list(parser._optionals._group_actions):
+        if action.dest in METHOD_OPTIONS:
+            parser._optionals._group_actions.remove(action)
+            method._group_actions.append(action)
+    parser._optionals.title = "the Trainer (transformers.TrainingArguments, our defaults shown)"
+    parser._action_groups.append(parser._action_groups.pop(1))  # the optionals, last
     return parser
 
 
@@ -173,9 +183,14 @@ def _train(args: argparse.Namespace) -> int:
     from .training import configs_from_options, train
 
     parser = _training_parser()
-    for action in parser._actions:  # keep only the flags given, to merge them over the file
-        action.default, action.required = argparse.SUPPRESS, False
-    given = vars(parser.parse_args(args.arguments))
+    for action in parser._actions:  # data and output_dir may come from the file
+        action.required = False
+    # argparse sets a default only where the namespace lacks the attribute: a namespace that has
+    # them all, unset, keeps exactly the flags given, to merge over the file.
+    unset = object()
+    namespace = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    parsed = vars(parser.parse_args(args.arguments, namespace=namespace))
+    given = {name: value for name, value in parsed.items() if value is not unset}
     options = {}
     config_file = given.pop("config", None)
     if config_file:

@@ -191,6 +191,18 @@ def test_options_default_to_the_configuration_defaults():
     assert config_from_args(RQ1Config, args) == RQ1Config("d", "o")
 
 
+def test_train_help_lists_the_method_before_the_trainer(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    headings = [line for line in text.splitlines() if line.startswith("the ")]
+    assert [heading.split(" (")[0].rstrip(":") for heading in headings] == \
+        ["the model", "the data", "the method", "the Trainer"]
+    method = text[text.index("the method"):text.index("the Trainer")]
+    assert "--popularity-exponent" in method and "--per-device-train-batch-size" not in method
+    assert "samples per device per forward (default: 16)" in text
+
+
 def test_train_flags_and_their_old_names_reach_the_configuration(monkeypatch, capsys):
     """`flower-rec train` takes every FlowerConfig option (TrainingArguments' own included) and
     the flags of before (--out, --epochs, --batch-size, --lr); options not given keep

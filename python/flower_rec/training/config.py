@@ -177,6 +177,8 @@ def _choices(name: str) -> dict[str, Any]:
 class ModelArguments:
     """The model to fine-tune (``train_config.json``'s ``model`` section)."""
 
+    _argument_group_name = "the model"  # HfArgumentParser's --help heading
+
     model: str | None = _option(
         None, "a Hugging Face causal LM, local path or hub id; none builds the embedded tiny "
         "Llama-style model with a BPE tokenizer trained on the dataset's text")
@@ -205,6 +207,8 @@ class DataArguments:
     """The data (``train_config.json``'s ``data`` section). The p_u tables of a personalised
     reward come from ``aux``, or as objects: :func:`flower_rec.training.train`'s
     ``aux_probabilities``."""
+
+    _argument_group_name = "the data"
 
     data: str = _option(dataclasses.MISSING, "dataset folder (flower-rec prepare)")
     aux: str | None = _option(
@@ -351,6 +355,10 @@ class FlowerConfig(TrainingArguments):
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, FlowerConfig)
 """The sections of a training configuration, in the order ``flower-rec train`` parses them."""
+
+METHOD_OPTIONS = tuple(f.name for f in dataclasses.fields(FlowerConfig)
+                       if f.name not in TrainingArguments.__dataclass_fields__)
+"""The options :class:`FlowerConfig` adds to :class:`transformers.TrainingArguments`."""
 
 OPTION_DEFAULTS: dict[str, Any] = {
     f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
