@@ -282,7 +282,8 @@ class FlowerConfig(TrainingArguments):
         "rollout per sample)")
     early_stopping_patience: int | None = _option(
         None, "stop when eval_loss has not improved for this many evaluations and keep the best "
-        "checkpoint as the model; needs eval_steps, and save_steps a multiple of it")
+        "checkpoint as the model; needs eval_steps (save_steps a multiple of it) or "
+        "eval_strategy epoch (with save_strategy epoch)")
     resume: bool = _option(False, "continue the run in output_dir from its newest complete "
                            "checkpoint")
     # TrainingArguments' options with our defaults (and the flags they had before this class)
@@ -327,12 +328,13 @@ class FlowerConfig(TrainingArguments):
         def fail(message: str) -> None:
             raise TrainConfigError(message)
 
-        if self.eval_steps is None:
+        if not self.evaluates:
             for name in ("valid_limit", "early_stopping_patience"):
                 if getattr(self, name) is not None:
-                    fail(f"{name} needs eval_steps (the validation loss is computed every "
-                         "eval_steps optimizer steps)")
-        elif self.early_stopping_patience is not None and self.save_steps % self.eval_steps:
+                    fail(f"{name} needs eval_steps, or eval_strategy 'epoch' (the validation "
+                         "loss is computed every eval_steps optimizer steps, or every epoch)")
+        elif self.eval_steps is not None and self.early_stopping_patience is not None \
+                and self.save_steps % self.eval_steps:
             # The best model is restored from a checkpoint; transformers requires checkpoints
             # on evaluation steps for that.
             fail(f"save_steps ({self.save_steps}) must be a multiple of eval_steps "
@@ -346,6 +348,12 @@ class FlowerConfig(TrainingArguments):
         ):
             fail(f"rollout 'published' is the released SubTB step alone: it needs "
                  f"{PUBLISHED_ROLLOUT_NEEDS}")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run computes the validation loss (``eval_steps``, or an
+        ``eval_strategy`` such as ``epoch``)."""
+        return self.eval_steps is not None or self.eval_strategy != "no"
 
     @property
     def needs_probabilities(self) -> bool:

@@ -296,7 +296,7 @@ def _check_inputs(
             "from an auxiliary recommender, e.g. `flower-rec train-aux`); pass them or aux, or "
             "use reward='logp' for popularity-only rewards"
         )
-    if args.eval_steps is not None and valid_aux_probabilities is None:
+    if args.evaluates and valid_aux_probabilities is None:
         raise TrainConfigError(
             f"validation with reward {args.reward!r} needs valid_aux_probabilities (p_u of "
             "every validation sample, from the same auxiliary recommender; aux computes both)"
@@ -335,7 +335,8 @@ def train(
             ``.safetensors`` holding one tensor), or a callable mapping sample indices ``[B]``
             to ``[B, I]``.
         valid_aux_probabilities: the same for the validation samples (``[num_valid_samples,
-            I]``), needed by validation (``eval_steps``) with a personalised reward.
+            I]``), needed by validation (``eval_steps`` or ``eval_strategy``) with a
+            personalised reward.
         callbacks: extra :class:`transformers.TrainerCallback` objects.
     """
     model = ModelArguments() if model is None else model
@@ -352,12 +353,12 @@ def train(
         if args.needs_probabilities:
             if data.aux is not None:
                 aux_probabilities, valid_aux_probabilities = _aux_tables(
-                    data, dataset, args.eval_steps is not None
+                    data, dataset, args.evaluates
                 )
             probabilities = _probability_source(
                 aux_probabilities, len(dataset.train), dataset.num_items
             )
-            if args.eval_steps is not None:
+            if args.evaluates:
                 valid_probabilities = _probability_source(
                     valid_aux_probabilities, len(dataset.valid), dataset.num_items,
                     "valid_aux_probabilities", "valid",
@@ -424,14 +425,14 @@ def train(
 def _encoded_splits(
     args: FlowerConfig, dataset: Dataset, tokenizer, catalog: Catalog
 ) -> tuple[list, SampleSet | None]:
-    """The training samples as token ids, and the validation set where ``eval_steps`` asks for
-    one; a prompt that no cutoff can fit is a configuration error."""
+    """The training samples as token ids, and the validation set where the run evaluates; a
+    prompt that no cutoff can fit is a configuration error."""
     try:
         encoded = encode_samples(
             dataset, "train", tokenizer, catalog, args.domain, args.max_prompt_tokens
         )
         valid = None
-        if args.eval_steps is not None:
+        if args.evaluates:
             valid = SampleSet(encode_samples(
                 dataset, "valid", tokenizer, catalog, args.domain, args.max_prompt_tokens,
                 args.valid_limit,

@@ -580,6 +580,16 @@ def test_early_stopping_keeps_the_best_checkpoint(data_dir, tmp_path):
     assert not all(torch.equal(final[k], v) for k, v in evaluated.weights[steps[-1]].items())
 
 
+def test_validation_every_epoch_with_the_trainers_own_strategy(data_dir, dataset, tmp_path):
+    """eval_strategy 'epoch' (a TrainingArguments option) instead of eval_steps: the validation
+    set is built, evaluated at each epoch's end, and early stopping keeps the best epoch."""
+    run = train(**config(data_dir, tmp_path / "run", max_steps=-1, num_train_epochs=2,
+                         per_device_train_batch_size=64, eval_strategy="epoch",
+                         save_strategy="epoch", valid_limit=8, early_stopping_patience=1))
+    epoch = math.ceil(len(dataset.train) / 64)
+    assert sorted(eval_losses(run)) == [epoch, 2 * epoch]
+
+
 def test_resume_continues_the_early_stopping_count(data_dir, tmp_path):
     """A run killed at the last step of the uninterrupted run resumes from the checkpoint before,
     with its patience count (patience - 1 evaluations without improvement): it stops at the
@@ -695,7 +705,8 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
         ({"method": "flower", "reward": "logp_div_s", "aux": "aux", "aux_probabilities": "p.pt"},
          "either as aux"),
         ({"domain": "books"}, "unknown domain"),
-        ({"early_stopping_patience": 2}, "early_stopping_patience needs eval_steps"),
+        ({"early_stopping_patience": 2}, "early_stopping_patience needs eval_steps, or "
+                                         "eval_strategy 'epoch'"),
         ({"valid_limit": 10}, "valid_limit needs eval_steps"),
         ({"eval_steps": 0}, "eval_steps must be a positive integer or None, got 0"),
         ({"eval_steps": 1, "valid_limit": -5}, "valid_limit must be a positive integer"),
