@@ -140,6 +140,9 @@ FIELD_RULES: dict[str, Rule] = {
     "eval_steps": _OPTIONAL_COUNT,
     "seed": SEED,
     "bf16": BOOLEAN,
+    # the Trainer would drop the collator's tensors, which are no model arguments
+    "remove_unused_columns": Rule("be false (the batches hold no model arguments alone)",
+                                  lambda value: value is False),
 }
 """The type and range of the options (by name, across the three classes), checked when a
 configuration is made."""

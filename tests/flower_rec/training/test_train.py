@@ -702,6 +702,7 @@ def test_cli_validation_and_cutoff_flags(data_dir, dataset, tmp_path, capsys):
         ({"floor_count": 0}, "floor_count must be a positive number"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive "
                                               "integer"),
+        ({"remove_unused_columns": True}, "remove_unused_columns must be false"),
         ({"method": "flower", "reward": "logp_div_s", "aux": "aux", "aux_probabilities": "p.pt"},
          "either as aux"),
         ({"domain": "books"}, "unknown domain"),

@@ -83,6 +83,8 @@ def bad_values(name: str) -> st.SearchStrategy:
     if name in PATHS or name in OPTIONAL_PATHS:
         bad = st.integers() | st.just("") | st.booleans() | st.lists(st.text(), max_size=2)
         return bad | st.none() if name in PATHS else bad
+    if name == "remove_unused_columns":  # the Trainer would drop the collator's tensors
+        return st.just(True) | st.sampled_from(["false", 0, None])
     if name == "lora_target_modules":
         return (st.integers() | st.none() | st.text(max_size=5) | st.just([])
                 | st.lists(st.integers(), min_size=1, max_size=2))
@@ -121,6 +123,8 @@ def good_values(name: str) -> st.SearchStrategy:
         return st.none() | st.text(min_size=1, max_size=10)
     if name == "lora_target_modules":
         return st.lists(st.text(max_size=5), min_size=1, max_size=3)
+    if name == "remove_unused_columns":
+        return st.just(False)
     raise AssertionError(f"no good values written down for {name}")
 
 
