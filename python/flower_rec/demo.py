@@ -157,13 +157,15 @@ def _train_variant(
 
     if not is_trained(run):
         protocol: dict[str, Any] = {"save_steps": 200}
+        valid_probabilities = None
         if config.early_stopping_patience is not None:
             protocol = epoch_protocol(
                 num_train, variant.options.get("per_device_train_batch_size",
                                                FlowerConfig.per_device_train_batch_size),
                 config.early_stopping_patience, config.valid_limit,
             )
-        evaluates = config.early_stopping_patience is not None
+            if variant.personalised:
+                valid_probabilities = probabilities["valid"]
         train(
             FlowerConfig(
                 output_dir=run, domain=config.domain, num_train_epochs=config.epochs,
@@ -172,8 +174,7 @@ def _train_variant(
             ),
             DataArguments(data=data),
             aux_probabilities=probabilities["train"] if variant.personalised else None,
-            valid_aux_probabilities=(probabilities["valid"]
-                                     if variant.personalised and evaluates else None),
+            valid_aux_probabilities=valid_probabilities,
         )
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     runtimes = [json.loads(line)["train_runtime"] for line in lines if "train_runtime" in line]

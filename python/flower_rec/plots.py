@@ -62,8 +62,9 @@ def plot_group_share_panels(
     """:func:`plot_group_shares` with one panel per entry of ``panels`` (its key the panel's
     title, e.g. a decoding; its value that panel's ``gp_by_method``), stacked and sharing the
     axes, so that many methods stay readable: past six methods the legend moves to the right of
-    the panels, and one legend serves when every panel has the same methods. ``outside``: each panel's ``outside_by_method``. The default size grows with the
-    number of panels (10 x 1.2 + 3 inches each; 8 x 4.5 for one panel)."""
+    the panels, and one legend serves when every panel has the same methods. ``outside``: each
+    panel's ``outside_by_method``. The default size grows with the number of panels (10 x 1.2 + 3
+    inches each; 8 x 4.5 for one panel)."""
     gh = [float(share) for share in group_shares]
     if not gh:
         raise ValueError("at least one popularity group is needed")
@@ -73,9 +74,10 @@ def plot_group_share_panels(
         for method, gp in gp_by_method.items():
             if len(gp) != len(gh):
                 raise ValueError(f"{method!r} has {len(gp)} group shares, expected {len(gh)}")
-        missing = set(gp_by_method) - set((outside or {}).get(panel, gp_by_method))
-        if missing:
-            raise ValueError(f"outside_by_method lacks {sorted(missing)}")
+        if outside is not None:
+            missing = set(gp_by_method) - set(outside.get(panel, {}))
+            if missing:
+                raise ValueError(f"outside_by_method lacks {sorted(missing)}")
 
     if figsize is None:
         figsize = (8.0, 4.5) if len(panels) == 1 else (10.0, 1.2 + 3.0 * len(panels))
@@ -114,7 +116,7 @@ def plot_group_share_panels(
 def _group_bars(
     axes, gh: list[float], gp_by_method: Mapping[str, Sequence[float]],
     outside_by_method: Mapping[str, float] | None,
-) -> list[str]:
+) -> tuple[list[str], float]:
     """The bars of one panel (GH grey and hatched, readable in greyscale too, then one colour
     per method); returns the cluster labels and the highest bar."""
     labels = [str(group) for group in range(len(gh))]

@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +42,12 @@ METRICS_FILE = "metrics.jsonl"
 LEGACY_CHECKPOINT_DIR = "checkpoints"
 """Where runs made before :class:`FlowerConfig` kept their checkpoints (the Trainer's output
 folder was then ``RUN/checkpoints``; it is the run folder now): a resumption finds them there."""
+
+
+def checkpoint_parents(run_dir: Path) -> tuple[Path, Path]:
+    """The folders that hold a run's checkpoints: the run folder, then the one of runs made
+    before :class:`FlowerConfig` (:data:`LEGACY_CHECKPOINT_DIR`)."""
+    return run_dir, run_dir / LEGACY_CHECKPOINT_DIR
 
 PUBLISHED_ROLLOUT_NEEDS = (
     "flow_loss 'subtb', policy 'full', leakage_weight 0, off_policy_share 0, "

@@ -26,7 +26,6 @@ from ..prompts import PromptCutoffError, build_prompt, item_token_sequences
 from ..rewards import PopularityRewards
 from .config import (
     CONFIG_FILE,
-    LEGACY_CHECKPOINT_DIR,
     METRICS_FILE,
     OPTION_DEFAULTS,
     SHAPING_OPTIONS,
@@ -35,6 +34,7 @@ from .config import (
     ModelArguments,
     ProbabilitySource,
     TrainConfigError,
+    checkpoint_parents,
     described,
     saved_options,
 )
@@ -181,7 +181,7 @@ def _probability_source(
 def _checkpoints(run_dir: Path) -> list[Path]:
     """The run's Trainer checkpoint folders, newest first."""
     steps = {}
-    for parent in (run_dir, run_dir / LEGACY_CHECKPOINT_DIR):
+    for parent in checkpoint_parents(run_dir):
         for folder in parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
             match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-([0-9]+)", folder.name)
             if match and folder.is_dir():

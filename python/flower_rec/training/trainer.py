@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..files import atomic_open, read_text, reading
-from .config import LEGACY_CHECKPOINT_DIR, ProbabilitySource
+from .config import ProbabilitySource, checkpoint_parents
 from .objective import FlowerObjective, rollout_seed
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +69,7 @@ class FlowerTrainer(Trainer):
             return epochs_trained, steps_trained_in_epoch
         if self.state.best_global_step:
             best = f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-            run_dir = Path(self.args.output_dir)
-            folders = [run_dir / best, run_dir / LEGACY_CHECKPOINT_DIR / best]
+            folders = [parent / best for parent in checkpoint_parents(Path(self.args.output_dir))]
             found = [folder for folder in folders if folder.is_dir()]
             self.state.best_model_checkpoint = str(found[0]) if found else None
         if self.state.global_step >= max_steps or self.control.should_training_stop:
