@@ -221,6 +221,7 @@ def test_loss_decreases_on_a_fixed_batch(dataset, tokenizer, catalog, batch, cas
 
 FITTING = {
     "flow_matching": {"flow_loss": "flow_matching"},
+    "flow_matching-p_div_pop": {"flow_loss": "flow_matching", "reward_variant": "p_div_pop"},
     "masked-subtb-off-policy": {"policy": "masked", "off_policy_share": 1.0},
     "masked-subtb-on-policy": {"policy": "masked"},
     "masked-subtb-mixed-p_div_pop": {"policy": "masked", "off_policy_share": 0.5,
