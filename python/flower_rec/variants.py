@@ -15,8 +15,9 @@ is a set of :class:`flower_rec.training.FlowerConfig` options on top of a run's 
 - ``subtb-masked-conservative-mixed-p-div-pop``: the mixed variant on the reward ``p_div_pop``
   (p_u with popularity divided out, beta 0.25), whose own top-10 is fair (docs/ablation.md,
   round 3). The others take the run's reward (the ablation's: ``logp``).
-- ``flow-matching-0.5-p-div-pop``: teacher-forced flow matching of that target at theta 0.5, a
-  soft label beside SFT's one-hot one (round 4).
+- ``flow-matching-<theta>-p-div-pop``: teacher-forced flow matching of that target at theta 0.5
+  (round 4) and 0.99 (round 5): a soft label beside SFT's one-hot one, distillation of guided
+  SASRec into the model.
 
 The new SubTB variants use theta 0.5: their flow terms stay at the size of the SFT loss (below
 2 nats per pair on the fixed batch of ``scripts/flow_fit.py``), unlike the published SubTB,
@@ -50,9 +51,11 @@ TRAINING_VARIANTS: dict[str, dict[str, Any]] = {
         "method": "flower", "flow_loss": "subtb", "policy": "masked", "leakage_weight": 1.0,
         "off_policy_share": 0.5, "theta": 0.5, "reward": "p_div_pop", "popularity_exponent": 0.25,
     },
-    "flow-matching-0.5-p-div-pop": {
-        "method": "flower", "flow_loss": "flow_matching", "theta": 0.5, "reward": "p_div_pop",
-        "popularity_exponent": 0.25,
+    **{
+        f"flow-matching-{theta:g}-p-div-pop": {"method": "flower", "flow_loss": "flow_matching",
+                                               "theta": theta, "reward": "p_div_pop",
+                                               "popularity_exponent": 0.25}
+        for theta in (0.5, 0.99)
     },
 }
 
