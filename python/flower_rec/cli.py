@@ -404,7 +404,9 @@ def _add_screen(commands) -> None:
         "what beam search on a model that fits the reward perfectly converges to. Prints "
         "NDCG/HR@K, DGU, "
         "MGU, word entropy, distinct titles and the targets' entropy, beside SASRec's own top-K "
-        "and SASRec's scores under flow guidance at several betas (with --aux).",
+        "and SASRec's scores under flow guidance at several betas (with --aux). --thetas adds "
+        "each reward mixed with p_u, (1 - theta) p_u + theta R_u / Z_u: what SFT plus a flow "
+        "term of weight theta converge to, both being cross-entropies.",
     )
     screening.add_argument("--data", required=True, help="dataset folder")
     screening.add_argument("--aux", help="a train-aux output folder (SASRec giving p_u)")

@@ -9,6 +9,12 @@ SASRec's p_u), beside SASRec's own top-K and SASRec's scores under flow guidance
 beta x log(R / Z)``, the item-level form of guided decoding, for each beta): NDCG@K, HR@K, DGU,
 MGU, word entropy, distinct titles, and the mean entropy of each row's normalised scores (nats;
 how spread the target is, which sampling would show and beam search would not).
+
+Training adds the flow term to SFT's with weight theta, and flow matching's term is a
+cross-entropy as SFT's is: the two together are minimised by the mixture ``(1 - theta) P + theta
+R_u / Z_u`` of the data's next-item distribution P and the target. With ``thetas``, the screen
+also takes each reward's mixture with SASRec's p_u (standing in for P) at each theta: what a
+model that learned both terms perfectly would rank first.
 """
 
 from __future__ import annotations
@@ -65,11 +71,12 @@ def screen(
     split: str = "test",
     k: int = 10,
     betas: Sequence[float] = SCREEN_BETAS,
+    thetas: Sequence[float] = (),
     limit: int | None = None,
 ) -> dict[str, dict]:
     """The metrics of each reward's exact top-``k`` on ``split``, and, given ``probabilities``,
-    of SASRec's top-k unguided and guided by the popularity prior at each beta. Returns
-    ``{row label: metrics}``.
+    of each reward's mixture with p_u at each theta and of SASRec's top-k unguided and guided by
+    the popularity prior at each beta. Returns ``{row label: metrics}``.
 
     Args:
         dataset: the dataset to screen.
@@ -78,11 +85,14 @@ def screen(
         split: the split to screen.
         k: list length.
         betas: the guidance betas of SASRec's guided rows.
+        thetas: the flow weights of the mixture rows ``(1 - theta) p_u + theta R_u / Z_u``, each
+            in (0, 1]; they need p_u (``probabilities``; on the command line, ``--aux``).
         limit: screen the first this many samples only; None: all of them.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     _check_betas(betas)
+    _check_thetas(thetas, probabilities)
     samples = dataset.split(split)[:limit]
     if not samples:
         raise ValueError(f"the {split} split has no samples to screen")
@@ -100,11 +110,19 @@ def screen(
         return {**metrics, "target_entropy": _row_entropy(scores)}
 
     rows = {}
+    mixtures = {}
     for variant in REWARD_VARIANTS:
         if variant != "logp" and probabilities is None:
             continue
         scores = rewards.item_log_rewards(variant, probabilities, dtype=torch.float64)
         rows[f"reward {variant}"] = measured(scores)
+        if thetas:
+            p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True)
+            target = torch.softmax(scores, dim=-1)
+        for theta in thetas:
+            mixture = (1 - theta) * p_u + theta * target
+            mixtures[f"reward {variant}, mixed at theta {theta:g}"] = measured(mixture.log())
+    rows.update(mixtures)
     if probabilities is not None:
         prior = rewards.item_log_rewards("logp", dtype=torch.float64)
         log_p = probabilities.double().clamp(min=1e-300).log()
@@ -125,6 +143,15 @@ def format_screen(rows: dict[str, dict], k: int = 10) -> str:
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _check_thetas(thetas: Sequence[float], probabilities: Tensor | None) -> None:
+    for theta in thetas:
+        if not (isinstance(theta, (int, float)) and 0 < theta <= 1):
+            raise ValueError(f"thetas must be numbers in (0, 1], got {theta!r}")
+    if thetas and probabilities is None:
+        raise ValueError("thetas mix each reward with SASRec's p_u: they need probabilities "
+                         "(--aux)")
 
 
 def _check_betas(betas: Sequence[float]) -> None:
