@@ -109,18 +109,15 @@ def screen(
                                            shares, dataset.titles, ks=(k,))
         return {**metrics, "target_entropy": _row_entropy(scores)}
 
-    rows = {}
-    mixtures = {}
+    rows, mixtures = {}, {}
     for variant in REWARD_VARIANTS:
         if variant != "logp" and probabilities is None:
             continue
         scores = rewards.item_log_rewards(variant, probabilities, dtype=torch.float64)
         rows[f"reward {variant}"] = measured(scores)
-        if thetas:
+        for theta in thetas:  # thetas come with probabilities (checked above)
             p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True)
-            target = torch.softmax(scores, dim=-1)
-        for theta in thetas:
-            mixture = (1 - theta) * p_u + theta * target
+            mixture = (1 - theta) * p_u + theta * torch.softmax(scores, dim=-1)
             mixtures[f"reward {variant}, mixed at theta {theta:g}"] = measured(mixture.log())
     rows.update(mixtures)
     if probabilities is not None:
