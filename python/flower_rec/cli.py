@@ -405,8 +405,8 @@ def _add_screen(commands) -> None:
         "NDCG/HR@K, DGU, "
         "MGU, word entropy, distinct titles and the targets' entropy, beside SASRec's own top-K "
         "and SASRec's scores under flow guidance at several betas (with --aux). --thetas adds "
-        "each reward mixed with p_u, (1 - theta) p_u + theta R_u / Z_u: what SFT plus a flow "
-        "term of weight theta converge to, both being cross-entropies.",
+        "each reward mixed with p_u, theta p_u + (1 - theta) R_u / Z_u: what SFT at weight "
+        "theta plus a flow term at 1 - theta converge to, both being cross-entropies.",
     )
     screening.add_argument("--data", required=True, help="dataset folder")
     screening.add_argument("--aux", help="a train-aux output folder (SASRec giving p_u)")

@@ -10,11 +10,11 @@ beta x log(R / Z)``, the item-level form of guided decoding, for each beta): NDC
 MGU, word entropy, distinct titles, and the mean entropy of each row's normalised scores (nats;
 how spread the target is, which sampling would show and beam search would not).
 
-Training adds the flow term to SFT's with weight theta, and flow matching's term is a
-cross-entropy as SFT's is: the two together are minimised by the mixture ``(1 - theta) P + theta
-R_u / Z_u`` of the data's next-item distribution P and the target. With ``thetas``, the screen
-also takes each reward's mixture with SASRec's p_u (standing in for P) at each theta: what a
-model that learned both terms perfectly would rank first.
+Training weighs SFT's term by theta and the flow term by 1 - theta, and flow matching's term is
+a cross-entropy as SFT's is: the two together are minimised by the mixture ``theta P + (1 -
+theta) R_u / Z_u`` of the data's next-item distribution P and the target. With ``thetas``, the
+screen also takes each reward's mixture with SASRec's p_u (standing in for P) at each theta:
+what a model that learned both terms perfectly would rank first.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def screen(
         split: the split to screen.
         k: list length.
         betas: the guidance betas of SASRec's guided rows.
-        thetas: the flow weights of the mixture rows ``(1 - theta) p_u + theta R_u / Z_u``, each
-            in (0, 1]; they need p_u (``probabilities``; on the command line, ``--aux``).
+        thetas: SFT's weights of the mixture rows ``theta p_u + (1 - theta) R_u / Z_u``, each
+            in [0, 1); they need p_u (``probabilities``; on the command line, ``--aux``).
         limit: screen the first this many samples only; None: all of them.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -117,7 +117,7 @@ def screen(
         rows[f"reward {variant}"] = measured(scores)
         for theta in thetas:  # thetas come with probabilities (checked above)
             p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True)
-            mixture = (1 - theta) * p_u + theta * torch.softmax(scores, dim=-1)
+            mixture = theta * p_u + (1 - theta) * torch.softmax(scores, dim=-1)
             mixtures[f"reward {variant}, mixed at theta {theta:g}"] = measured(mixture.log())
     rows.update(mixtures)
     if probabilities is not None:
@@ -144,8 +144,8 @@ def format_screen(rows: dict[str, dict], k: int = 10) -> str:
 
 def _check_thetas(thetas: Sequence[float], probabilities: Tensor | None) -> None:
     for theta in thetas:
-        if not (isinstance(theta, (int, float)) and 0 < theta <= 1):
-            raise ValueError(f"thetas must be numbers in (0, 1], got {theta!r}")
+        if not (isinstance(theta, (int, float)) and 0 <= theta < 1):
+            raise ValueError(f"thetas must be numbers in [0, 1), got {theta!r}")
     if thetas and probabilities is None:
         raise ValueError("thetas mix each reward with SASRec's p_u: they need probabilities "
                          "(--aux)")

@@ -72,16 +72,16 @@ def test_mixture_rows_are_the_top_k_of_p_u_mixed_with_the_target(dataset):
     generator = torch.Generator().manual_seed(0)
     p = torch.rand(len(dataset.test), dataset.num_items, generator=generator, dtype=torch.float64)
     p = p / p.sum(1, keepdim=True)
-    rows = screen(dataset, p, k=10, thetas=(0.25, 1.0))
+    rows = screen(dataset, p, k=10, thetas=(0.75, 0.0))
     assert list(rows)[4:12] == [f"reward {r}, mixed at theta {t}" for r in
-                                ("logp", "logp_div_s", "logp_add_logs", "p_div_pop") for t in (0.25, 1)]
-    for reward in ("logp", "p_div_pop"):  # theta 1: the target alone
-        assert rows[f"reward {reward}, mixed at theta 1"] == rows[f"reward {reward}"]
-    # The mixture in plain terms: 3/4 p_u, 1/4 the popularity distribution R / Z.
+                                ("logp", "logp_div_s", "logp_add_logs", "p_div_pop") for t in (0.75, 0)]
+    for reward in ("logp", "p_div_pop"):  # theta 0: the target alone
+        assert rows[f"reward {reward}, mixed at theta 0"] == rows[f"reward {reward}"]
+    # The mixture in plain terms: SFT's weight 3/4 on p_u, 1/4 on the popularity distribution.
     log_r = PopularityRewards.from_dataset(dataset).item_log_rewards("logp", dtype=torch.float64)
     mixture = 0.75 * p + 0.25 * (log_r - torch.logsumexp(log_r, dim=-1)).exp()
     expected = screen_of(dataset, mixture, k=10)
-    assert rows["reward logp, mixed at theta 0.25"]["NDCG@10"] == pytest.approx(expected)
+    assert rows["reward logp, mixed at theta 0.75"]["NDCG@10"] == pytest.approx(expected)
 
 
 def screen_of(dataset, scores, k):
@@ -100,6 +100,6 @@ def test_mixture_rows_need_p_u_and_a_theta_in_the_unit_interval(dataset):
     p = torch.full((len(dataset.test), dataset.num_items), 1.0 / dataset.num_items)
     with pytest.raises(ValueError, match="need probabilities"):
         screen(dataset, thetas=(0.5,))
-    for theta in (0.0, 1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"thetas must be numbers in \(0, 1\]"):
+    for theta in (1.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"thetas must be numbers in \[0, 1\)"):
             screen(dataset, p, thetas=(theta,))
