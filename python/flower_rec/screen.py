@@ -110,13 +110,14 @@ def screen(
         return {**metrics, "target_entropy": _row_entropy(scores)}
 
     rows, mixtures = {}, {}
+    if thetas:  # thetas come with probabilities (checked above)
+        p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True)
     for variant in REWARD_VARIANTS:
         if variant != "logp" and probabilities is None:
             continue
         scores = rewards.item_log_rewards(variant, probabilities, dtype=torch.float64)
         rows[f"reward {variant}"] = measured(scores)
-        for theta in thetas:  # thetas come with probabilities (checked above)
-            p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True)
+        for theta in thetas:
             mixture = theta * p_u + (1 - theta) * torch.softmax(scores, dim=-1)
             mixtures[f"reward {variant}, mixed at theta {theta:g}"] = measured(mixture.log())
     rows.update(mixtures)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -80,14 +81,12 @@ def test_mixture_rows_are_the_top_k_of_p_u_mixed_with_the_target(dataset):
     # The mixture in plain terms: SFT's weight 3/4 on p_u, 1/4 on the popularity distribution.
     log_r = PopularityRewards.from_dataset(dataset).item_log_rewards("logp", dtype=torch.float64)
     mixture = 0.75 * p + 0.25 * (log_r - torch.logsumexp(log_r, dim=-1)).exp()
-    expected = screen_of(dataset, mixture, k=10)
+    expected = plain_ndcg(dataset, mixture, k=10)
     assert rows["reward logp, mixed at theta 0.75"]["NDCG@10"] == pytest.approx(expected)
 
 
-def screen_of(dataset, scores, k):
-    """NDCG@k of each test row's top-k titles by ``scores``, in plain Python."""
-    import math
-
+def plain_ndcg(dataset, scores, k):
+    """Mean NDCG@k of each test row's top-k titles by ``scores``, in plain Python."""
     total = 0.0
     for row, sample in zip(top_titles(scores.log(), dataset.titles, k), dataset.test):
         target = dataset.titles[sample.target]
