@@ -110,8 +110,8 @@ def screen(
         return {**metrics, "target_entropy": _row_entropy(scores)}
 
     rows, mixtures = {}, {}
-    if thetas:  # thetas come with probabilities (checked above)
-        p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True)
+    # Rows of p_u for the mixtures (thetas come with probabilities: checked above).
+    p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True) if thetas else None
     for variant in REWARD_VARIANTS:
         if variant != "logp" and probabilities is None:
             continue
