@@ -49,6 +49,7 @@ def checkpoint_parents(run_dir: Path) -> tuple[Path, Path]:
     before :class:`FlowerConfig` (:data:`LEGACY_CHECKPOINT_DIR`)."""
     return run_dir, run_dir / LEGACY_CHECKPOINT_DIR
 
+
 PUBLISHED_ROLLOUT_NEEDS = (
     "flow_loss 'subtb', policy 'full', leakage_weight 0, off_policy_share 0, "
     "rollout_temperature 1 and reward 'logp' or 'logp_div_s'"
