@@ -593,9 +593,14 @@ def cpu_name() -> str:
 
 def write_report(script: str, result: dict, table: Callable[[dict], str], argv, json_path) -> None:
     """The end of a standalone benchmark's run (this one's and the modules' that import it): the
-    command line recorded in ``result``, its table printed, the JSON written where ``--json``
-    asked."""
-    result["command"] = f"python benchmarks/{script} " + " ".join(
+    command line recorded in ``result`` (with the folder it ran in, where that is not the
+    repository root: its paths are relative to it), its table printed, the JSON written where
+    ``--json`` asked."""
+    root = Path(__file__).resolve().parent.parent
+    here = Path.cwd().resolve()
+    script_path = os.path.relpath(root / "benchmarks" / script, here)
+    prefix = "" if here == root else f"cd {os.path.relpath(here, root)} && "
+    result["command"] = f"{prefix}python {script_path} " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     print(table(result))
