@@ -16,8 +16,8 @@ is a set of :class:`flower_rec.training.FlowerConfig` options on top of a run's 
   (p_u with popularity divided out, beta 0.25), whose own top-10 is fair (docs/ablation.md,
   round 3). The others take the run's reward (the ablation's: ``logp``).
 - ``flow-matching-<theta>-p-div-pop``: teacher-forced flow matching of that target at theta 0.5
-  (round 4) and 0.01 (round 5; theta is SFT's weight): a soft label beside SFT's one-hot one,
-  distillation of guided SASRec into the model.
+  (round 4), 0.01 (round 5; theta is SFT's weight) and 0.25 (round 6, chosen on the valid
+  split): a soft label beside SFT's one-hot one, distillation of guided SASRec into the model.
 
 The new SubTB variants use theta 0.5: their flow terms stay at the size of the SFT loss (below
 2 nats per pair on the fixed batch of ``scripts/flow_fit.py``), unlike the published SubTB,
@@ -55,7 +55,7 @@ TRAINING_VARIANTS: dict[str, dict[str, Any]] = {
         f"flow-matching-{theta:g}-p-div-pop": {"method": "flower", "flow_loss": "flow_matching",
                                                "theta": theta, "reward": "p_div_pop",
                                                "popularity_exponent": 0.25}
-        for theta in (0.5, 0.01)
+        for theta in (0.5, 0.01, 0.25)
     },
 }
 
