@@ -347,24 +347,9 @@ def train(
                                         valid_aux_probabilities)
     main = args.process_index == 0  # sets up the process group under torchrun
     checkpoint = _prepare_run_dir(args, configuration, args.world_size, check=main)
-    rewards = probabilities = valid_probabilities = None
-    if args.method == "flower":
-        rewards = _popularity_rewards(args, dataset)
-        if args.needs_probabilities:
-            if data.aux is not None:
-                aux_probabilities, valid_aux_probabilities = _aux_tables(
-                    data, dataset, args.evaluates
-                )
-            probabilities = _probability_source(
-                aux_probabilities, len(dataset.train), dataset.num_items
-            )
-            if args.evaluates:
-                valid_probabilities = _probability_source(
-                    valid_aux_probabilities, len(dataset.valid), dataset.num_items,
-                    "valid_aux_probabilities", "valid",
-                )
-        logger.info("%d titles without a training-history count get the floor count %s",
-                    rewards.num_floored, args.floor_count)
+    rewards, probabilities, valid_probabilities = _reward_inputs(
+        args, data, dataset, aux_probabilities, valid_aux_probabilities
+    )
 
     # The main process prepares the run folder first (the configuration; the tiny model's
     # tokenizer, which the other processes then read, so that every process has the same one).
@@ -410,16 +395,51 @@ def train(
     )
     trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
 
+    _save_final_model(trainer, tokenizer, run_dir, merge_lora=model.lora)
+    return run_dir
+
+
+def _reward_inputs(
+    args: FlowerConfig,
+    data: DataArguments,
+    dataset: Dataset,
+    aux_probabilities: Tensor | str | os.PathLike | ProbabilitySource | None,
+    valid_aux_probabilities: Tensor | str | os.PathLike | ProbabilitySource | None,
+) -> tuple[PopularityRewards | None, ProbabilitySource | None, ProbabilitySource | None]:
+    """A Flower run's popularity rewards, and the p_u sources of its training and validation
+    samples where the reward is personalised (from ``data.aux`` when it is given); SFT needs
+    none of them."""
+    if args.method != "flower":
+        return None, None, None
+    rewards = _popularity_rewards(args, dataset)
+    logger.info("%d titles without a training-history count get the floor count %s",
+                rewards.num_floored, args.floor_count)
+    if not args.needs_probabilities:
+        return rewards, None, None
+    if data.aux is not None:
+        aux_probabilities, valid_aux_probabilities = _aux_tables(data, dataset, args.evaluates)
+    probabilities = _probability_source(aux_probabilities, len(dataset.train), dataset.num_items)
+    valid_probabilities = None
+    if args.evaluates:
+        valid_probabilities = _probability_source(
+            valid_aux_probabilities, len(dataset.valid), dataset.num_items,
+            "valid_aux_probabilities", "valid",
+        )
+    return rewards, probabilities, valid_probabilities
+
+
+def _save_final_model(trainer: FlowerTrainer, tokenizer, run_dir: Path, merge_lora: bool) -> None:
+    """The trained model (the best checkpoint's, where early stopping kept one) and its
+    tokenizer in the run folder, written by the main process once every process is done."""
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         final = trainer.accelerator.unwrap_model(trainer.model)
-        if model.lora:
+        if merge_lora:
             final = final.merge_and_unload()  # a plain model that `evaluate` loads without peft
         with atomic_files(run_dir) as staging:
             final.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     trainer.accelerator.wait_for_everyone()
-    return run_dir
 
 
 def _encoded_splits(
