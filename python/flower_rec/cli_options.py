@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from .config_checks import Rule
+from .config_checks import Rule, field_default
 
 __all__ = ["add_config_options", "config_from_args", "docstring_args", "options_from_args"]
 
@@ -82,18 +82,12 @@ def _parameters(config: type | Callable[..., Any]) -> list[tuple[str, Any, Any]]
     function (``dataclasses.MISSING`` where there is no default)."""
     hints = typing.get_type_hints(config)
     if dataclasses.is_dataclass(config):
-        return [(field.name, hints[field.name], _default(field))
+        return [(field.name, hints[field.name], field_default(field))
                 for field in dataclasses.fields(config)]
     return [
         (name, hints.get(name), dataclasses.MISSING if p.default is p.empty else p.default)
         for name, p in inspect.signature(config).parameters.items()
     ]
-
-
-def _default(field: dataclasses.Field) -> Any:
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
 
 
 def _argument(hint: Any, name: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Rules for configuration values, checked before any work starts: each says what a value must
-be, and its message names the option and shows (shortened) what it got.
+be, and its message names the option and shows (shortened) what it got; and the defaults of
+the configuration dataclasses' fields.
 
 Numbers are finite (NaN and infinities are refused, and so are ints too large for a float);
 integers fit in 64 bits; ``True`` / ``False`` are booleans, never numbers, and only they are
@@ -12,7 +13,7 @@ import math
 import os
 import reprlib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, Field, dataclass
 from typing import Any
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "PATH",
     "SEED",
     "Rule",
+    "field_default",
     "first_problem",
     "integer",
     "number",
@@ -65,6 +67,14 @@ class _Choice(Rule):
         if self.accepts(value):
             return None
         return f"unknown {name} {shown(value)}; expected one of {self.choices}"
+
+
+def field_default(field: Field) -> Any:
+    """A dataclass field's default (its factory's value where it has one); ``MISSING`` where
+    it has none."""
+    if field.default_factory is not MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def one_of(choices: Collection[str]) -> Rule:

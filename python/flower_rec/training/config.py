@@ -23,6 +23,7 @@ from ..config_checks import (
     PATH,
     SEED,
     Rule,
+    field_default,
     first_problem,
     integer,
     number,
@@ -380,9 +381,8 @@ METHOD_OPTIONS = tuple(f.name for f in dataclasses.fields(FlowerConfig)
 """The options :class:`FlowerConfig` adds to :class:`transformers.TrainingArguments`."""
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)
-    if f.init and (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING)
+    f.name: field_default(f) for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)
+    if f.init and field_default(f) is not dataclasses.MISSING
 }
 """Every option's default, by name (``data`` and ``output_dir`` have none)."""
 
