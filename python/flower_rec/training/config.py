@@ -227,8 +227,7 @@ class DataArguments:
         None, "a train-aux output folder: SASRec gives the p_u of the personalised rewards")
 
     def __post_init__(self):
-        if isinstance(self.data, os.PathLike):
-            self.data = os.fspath(self.data)
+        self.data = _path_text(self.data)
         _check(self, ["data", "aux"])
 
 
@@ -318,8 +317,7 @@ class FlowerConfig(TrainingArguments):
     log_level: str = _option("warning", "the Trainer's log level")
 
     def __post_init__(self):
-        if isinstance(self.output_dir, os.PathLike):
-            self.output_dir = os.fspath(self.output_dir)
+        self.output_dir = _path_text(self.output_dir)
         _check(self, [name for name in FIELD_RULES if hasattr(self, name)])
         self._check_combinations()
         if self.eval_steps is not None:
@@ -428,13 +426,17 @@ def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _path_text(value: Any) -> Any:
+    """A path object as text (as train_config.json and the Trainer keep paths); anything else
+    unchanged, for the checks to judge."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def described(value: Any) -> Any:
     """A p_u source as train_config.json keeps it: a path as text, a tensor or callable
     described (not stored)."""
     if isinstance(value, Tensor):
         return f"<tensor {list(value.shape)}>"
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
     if callable(value):
         return f"<callable {getattr(value, '__name__', type(value).__name__)}>"
-    return value
+    return _path_text(value)
