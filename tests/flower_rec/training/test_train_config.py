@@ -16,14 +16,16 @@ from hypothesis import strategies as st
 from transformers import TrainingArguments
 
 from flower_rec.cli import main
-from flower_rec.config_checks import first_problem
+from flower_rec.config_checks import field_default, first_problem
 from flower_rec.training import (
     CONFIG_CLASSES,
     FIELD_RULES,
+    METHOD_OPTIONS,
     TrainConfigError,
     configs_from_options,
     train,
 )
+from flower_rec.training.config import OPTION_DEFAULTS
 
 # The options by the kind of value they take (the specification the validator is tested
 # against, written out independently of FIELD_RULES).
@@ -181,6 +183,33 @@ def test_missing_options_and_unknown_ones():
         configs_from_options({"method": "sft"})
     with pytest.raises(TrainConfigError, match="unknown training option.*'learning_rat'"):
         configs_from_options({"data": "d", "output_dir": "o", "learning_rat": 1e-3})
+
+
+def test_option_defaults_are_what_a_config_made_without_them_holds(tmp_path):
+    """OPTION_DEFAULTS (what an old run's train_config.json lacks is read as) against the
+    configuration built from the two required options alone, for the options of ours (the
+    Trainer's own __post_init__ rewrites several of its defaults)."""
+    assert {"data", "output_dir"}.isdisjoint(OPTION_DEFAULTS)
+    ours = {f.name for cls in CONFIG_CLASSES[:2] for f in dataclasses.fields(cls)} | set(
+        METHOD_OPTIONS)
+    configs = configs_from_options({"data": "d", "output_dir": str(tmp_path / "o")})
+    made = {f.name: getattr(config, f.name) for config in configs
+            for f in dataclasses.fields(config) if f.name in ours - {"data", "output_dir"}}
+    assert made == {name: OPTION_DEFAULTS[name] for name in made}
+    assert len(made) > 25 and OPTION_DEFAULTS["lora_target_modules"] == ["all-linear"]
+
+
+def test_field_default_calls_the_factory_each_time():
+    @dataclasses.dataclass
+    class Options:
+        data: str
+        names: list = dataclasses.field(default_factory=list)
+        size: int = 3
+
+    data, names, size = dataclasses.fields(Options)
+    assert field_default(names) == [] and field_default(names) is not field_default(names)
+    assert field_default(size) == 3
+    assert field_default(data) is dataclasses.MISSING
 
 
 def test_a_huge_value_is_quoted_short():
