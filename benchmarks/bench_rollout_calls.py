@@ -223,7 +223,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=20, help="timed rollouts (20)")
     parser.add_argument("--repeats", type=int, default=20, help="tight-loop runs of each call")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")

@@ -84,7 +84,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="the file written by pytest --benchmark-json")
     arguments = parser.parse_args()
     print(table(json.loads(arguments.results.read_text())))
