@@ -18,7 +18,9 @@ until it completes: a session that ends mid-way loses at most the run in progres
 
 ``--finished`` reports what is done: the runs of ``--variants`` and ``--seeds`` already finished
 in ``--out`` (the tables, the verdicts and ``report.json``), training and decoding nothing.
-``groups-by-variant.png`` shows each variant's group shares (mean over its seeds) per decoding.
+``groups-by-variant.png`` shows each variant's group shares (mean over its seeds) per decoding,
+``accuracy-fairness.png`` each variant's NDCG@10 against DGU (mean ± sd over its seeds) beside
+the decision rule's lines.
 
 ``--data`` runs the same protocol on a dataset folder instead (the Video_Games part of
 docs/ablation.md, with ``--domain video_games``).
@@ -33,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, is_finished, run_demo
-from flower_rec.plots import plot_group_share_panels
+from flower_rec.plots import plot_accuracy_fairness_panels, plot_group_share_panels
 from flower_rec.prompts import DOMAINS
 from flower_rec.training import METRICS_FILE
 from flower_rec.variants import TRAINING_VARIANTS, variant_options
@@ -77,6 +79,19 @@ def plot_variant_groups(report: dict, path: Path) -> Path:
     }
     title = "Recommendation share per popularity group, mean over seeds (test split)"
     return plot_group_share_panels(report["GH"], panels, path, title)
+
+
+def plot_variant_tradeoff(report: dict, path: Path) -> Path:
+    """One panel per decoding: each variant's NDCG@10 against DGU over its seeds, with SFT's
+    DGU and the rule's accuracy floor (MIN_ACCURACY x SFT's NDCG@10) where SFT is in."""
+    panels = {decoding: {name: list(runs.values())
+                         for name, runs in grouped(report, decoding).items()}
+              for decoding in DECODINGS}
+    baseline = "sft" if all("sft" in methods for methods in panels.values()) else None
+    return plot_accuracy_fairness_panels(
+        panels, path, "NDCG@10 against DGU per variant, mean ± sd over seeds (test split)",
+        baseline=baseline, min_accuracy=MIN_ACCURACY if baseline else None,
+    )
 
 
 def kept_epoch(run_dir: Path) -> str:
@@ -169,6 +184,7 @@ def main() -> int:
     report["verdicts"] = verdicts(report)
     (Path(args.out) / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
     plot_variant_groups(report, Path(args.out) / "groups-by-variant.png")
+    plot_variant_tradeoff(report, Path(args.out) / "accuracy-fairness.png")
     for decoding in DECODINGS:
         print(summary_table(report, decoding, Path(args.out)), end="\n\n")
     print("\n".join(report["verdicts"]))

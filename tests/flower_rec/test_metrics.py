@@ -354,6 +354,34 @@ def test_plot_group_share_panels_png(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_plot_accuracy_fairness_panels_png(tmp_path):
+    """One panel per decoding side by side, a legend column; methods with one run or several;
+    every malformed input refused with its reason, nothing written."""
+    from flower_rec.plots import plot_accuracy_fairness_panels
+
+    def runs(*points):
+        return [{"DGU": dgu, "NDCG@10": ndcg} for dgu, ndcg in points]
+
+    methods = {"sft": runs((0.23, 0.17), (0.24, 0.18)), "variant": runs((0.17, 0.169))}
+    panels = {"beam": methods, "guided-beam": methods, "sampled-top-k": methods}
+    path = plot_accuracy_fairness_panels(panels, tmp_path / "tradeoff.png", baseline="sft",
+                                         min_accuracy=0.95, dpi=100)
+    assert _png_size(path.read_bytes()) == (1850, 450)  # (3 x 5 + 3.5) x 4.5 inches
+    bad = tmp_path / "bad.png"
+    cases = [
+        ({}, {}, "at least one panel"),
+        ({"beam": {"sft": []}}, {}, "'sft' has no runs in panel 'beam'"),
+        ({"beam": {"sft": [{"DGU": 0.2}]}}, {}, r"lacks \['NDCG@10'\]"),
+        ({"beam": {"variant": runs((0.1, 0.1))}}, {"baseline": "sft"},
+         "baseline 'sft' is not in panel 'beam'"),
+        (panels, {"min_accuracy": 0.95}, "min_accuracy needs a baseline"),
+    ]
+    for case_panels, options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            plot_accuracy_fairness_panels(case_panels, bad, **options)
+    assert not bad.exists()
+
+
 def test_plot_distribution_fit_png(tmp_path):
     from flower_rec.plots import plot_distribution_fit
 
