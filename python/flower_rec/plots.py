@@ -228,7 +228,7 @@ def plot_accuracy_fairness_panels(
         lines.append(f"dotted: {baseline}'s DGU")
         if min_accuracy is not None:
             lines.append(f"dashed: {min_accuracy:g} x {baseline}'s NDCG@10")
-    figure.legend([handles[name] for name in names], names, loc="outside right upper",
+    figure.legend(list(handles.values()), list(handles), loc="outside right upper",
                   frameon=False, fontsize="small",
                   title="\n".join(lines) or None, title_fontsize="small")
     figure.suptitle(title)

@@ -111,7 +111,7 @@ def screen(
 
     rows, mixtures = {}, {}
     # Rows of p_u for the mixtures (thetas come with probabilities: checked above).
-    p_u = probabilities.double() / probabilities.double().sum(1, keepdim=True) if thetas else None
+    p_u = torch.nn.functional.normalize(probabilities.double(), p=1, dim=1) if thetas else None
     for variant in REWARD_VARIANTS:
         if variant != "logp" and probabilities is None:
             continue

@@ -379,8 +379,10 @@ METHOD_OPTIONS = tuple(f.name for f in dataclasses.fields(FlowerConfig)
 """The options :class:`FlowerConfig` adds to :class:`transformers.TrainingArguments`."""
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    f.name: field_default(f) for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)
-    if f.init and field_default(f) is not dataclasses.MISSING
+    name: default
+    for name, default in ((f.name, field_default(f)) for cls in CONFIG_CLASSES
+                          for f in dataclasses.fields(cls) if f.init)
+    if default is not dataclasses.MISSING
 }
 """Every option's default, by name (``data`` and ``output_dir`` have none)."""
 
