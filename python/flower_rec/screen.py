@@ -111,7 +111,9 @@ def screen(
 
     rows, mixtures = {}, {}
     # Rows of p_u for the mixtures (thetas come with probabilities: checked above).
-    p_u = torch.nn.functional.normalize(probabilities.double(), p=1, dim=1) if thetas else None
+    p_u = probabilities.double() if thetas else None
+    if p_u is not None:
+        p_u = p_u / p_u.sum(1, keepdim=True)
     for variant in REWARD_VARIANTS:
         if variant != "logp" and probabilities is None:
             continue
