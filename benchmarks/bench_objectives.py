@@ -45,14 +45,7 @@ def run_benchmark(steps: int, warmup: int) -> dict:
                                     options=variant_options(name))
             for name in TRAINING_VARIANTS
         }
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        names = list(runs)
-        for index, batch in enumerate(batches):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                elapsed = runs[name].step(batch)
-                if index >= warmup:
-                    times[name].append(elapsed)
+        times = training_step.time_steps(runs, batches, warmup)
 
         objective = runs[MIXED].objective
         state = objective._on(torch.device("cpu"))

@@ -393,23 +393,24 @@ def fastest(run: Callable[[], object], repeats: int) -> float:
 # the benchmark
 
 
-def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench_training_step_") as folder:
-        setup = build_setup(Path(folder))
-    batches = make_batches(setup, warmup + steps + instrumented)
-    runs = {name: Run(setup, name, total_steps=len(batches)) for name in METHODS}
+def time_steps(runs: dict[str, Run], batches, warmup: int) -> dict[str, list[float]]:
+    """Every method's step on every batch, the methods' order rotating each step; the seconds of
+    the steps after the first ``warmup``."""
     names = list(runs)
-
     times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(warmup + steps):
-        batch = batches[index]
-        for offset in range(len(names)):  # rotate the order each step
+    for index, batch in enumerate(batches):
+        for offset in range(len(names)):
             name = names[(index + offset) % len(names)]
             seconds = runs[name].step(batch)
             if index >= warmup:
                 times[name].append(seconds)
+    return times
 
-    # Instrumented steps: trie time inside each step, and the Flower rollouts for the replay.
+
+def instrument_steps(runs: dict[str, Run], batches) -> tuple[dict[str, dict], list[tuple]]:
+    """Flower and flow-matching steps with every trie op timed: per method the trie time per
+    step, its share of the step and the time per op; for Flower also the rollout and step times.
+    Returns that and the Flower rollouts as ``(batch, actions, lengths)`` for the replay."""
     timer = TrieTimer()
     trie_info: dict[str, dict] = {}
     captured: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
@@ -427,52 +428,82 @@ def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> d
 
     flower.trajectories = capturing_trajectories
     flower_step_ms: list[float] = []
-    for name in ("flower", "flow_matching"):
-        shares: list[float] = []
-        per_step_ms: list[float] = []
-        per_op: dict[str, float] = {}
-        with timer.active():
-            for batch in batches[warmup + steps :]:
-                current_batch[0] = batch
-                timer.reset()
-                seconds = runs[name].step(batch)
-                if name == "flower":
-                    flower_step_ms.append(1e3 * seconds)
-                shares.append(timer.total / seconds)
-                per_step_ms.append(1e3 * timer.total)
-                for op, value in timer.seconds.items():
-                    per_op[op] = per_op.get(op, 0.0) + 1e3 * value / instrumented
-        trie_info[name] = {
-            "trie_ms": statistics.median(per_step_ms),
-            "share": statistics.median(shares),
-            "ops_ms": {op: round(value, 4) for op, value in sorted(per_op.items())},
-            "calls": dict(sorted(timer.calls.items())),  # of the last instrumented step
-        }
-    flower.trajectories = trajectories
+    try:
+        for name in ("flower", "flow_matching"):
+            shares: list[float] = []
+            per_step_ms: list[float] = []
+            per_op: dict[str, float] = {}
+            with timer.active():
+                for batch in batches:
+                    current_batch[0] = batch
+                    timer.reset()
+                    seconds = runs[name].step(batch)
+                    if name == "flower":
+                        flower_step_ms.append(1e3 * seconds)
+                    shares.append(timer.total / seconds)
+                    per_step_ms.append(1e3 * timer.total)
+                    for op, value in timer.seconds.items():
+                        per_op[op] = per_op.get(op, 0.0) + 1e3 * value / len(batches)
+            trie_info[name] = {
+                "trie_ms": statistics.median(per_step_ms),
+                "share": statistics.median(shares),
+                "ops_ms": {op: round(value, 4) for op, value in sorted(per_op.items())},
+                "calls": dict(sorted(timer.calls.items())),  # of the last instrumented step
+            }
+    finally:
+        flower.trajectories = trajectories
     trie_info["flower"]["rollout_ms"] = statistics.median(rollout_ms)
     trie_info["flower"]["step_ms"] = statistics.median(flower_step_ms)
+    return trie_info, captured
 
-    # The published approach on the same batches' rollout paths.
+
+def replay_published(setup: Setup, objective, captured: list[tuple], repeats: int) -> dict:
+    """The trie part of the captured rollouts, ours beside the published approach's two reward
+    forms, each checked against ours before it is timed (the fastest of ``repeats`` per batch,
+    median over the batches)."""
     trie = baselines.PrefixKeyTrie(
         setup.catalog.item_tokens.sequences,
-        flower.eos,
+        objective.eos,
         len(setup.tokenizer),
         setup.rewards.item_log_rewards("logp", dtype=torch.float64),
     )
     ours_ms, exact_ms, published_ms = [], [], []
     for batch, actions, lengths in captured:
-        replay = record_replay(setup, flower, batch, actions, lengths)
-        check_replay(setup, flower, trie, replay)
-        ours_ms.append(1e3 * fastest(lambda r=replay: ours_trie_part(flower, r), repeats))
+        replay = record_replay(setup, objective, batch, actions, lengths)
+        check_replay(setup, objective, trie, replay)
+        ours_ms.append(1e3 * fastest(lambda r=replay: ours_trie_part(objective, r), repeats))
         exact_ms.append(
             1e3 * fastest(lambda r=replay: published_trie_part(trie, r, exact=True), repeats)
         )
         published_ms.append(
             1e3 * fastest(lambda r=replay: published_trie_part(trie, r, exact=False), repeats)
         )
+    ours = statistics.median(ours_ms)
+    return {
+        "ours_ms": ours,
+        "published_exact_ms": statistics.median(exact_ms),
+        "published_as_written_ms": statistics.median(published_ms),
+        "published_exact_over_ours": statistics.median(exact_ms) / ours,
+        "published_as_written_over_ours": statistics.median(published_ms) / ours,
+        "mean_item_tokens": statistics.mean(
+            float(lengths.float().mean()) for _, _, lengths in captured
+        ),
+        "mean_rollout_steps": statistics.mean(int(lengths.max()) for _, _, lengths in captured),
+    }
+
+
+def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_training_step_") as folder:
+        setup = build_setup(Path(folder))
+    batches = make_batches(setup, warmup + steps + instrumented)
+    runs = {name: Run(setup, name, total_steps=len(batches)) for name in METHODS}
+    names = list(runs)
+    times = time_steps(runs, batches[: warmup + steps], warmup)
+    trie_info, captured = instrument_steps(runs, batches[warmup + steps :])
+    flower = runs["flower"].objective
+    replay = replay_published(setup, flower, captured, repeats)
 
     step_ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-    ours_replay = statistics.median(ours_ms)
     return {
         "setup": {
             "dataset": "synthetic (prepare_synthetic, seed 0)",
@@ -512,17 +543,7 @@ def run_benchmark(steps: int, warmup: int, instrumented: int, repeats: int) -> d
         },
         "ratio_to_sft": {name: step_ms[name] / step_ms["sft"] for name in names},
         "trie": trie_info,
-        "replay": {
-            "ours_ms": ours_replay,
-            "published_exact_ms": statistics.median(exact_ms),
-            "published_as_written_ms": statistics.median(published_ms),
-            "published_exact_over_ours": statistics.median(exact_ms) / ours_replay,
-            "published_as_written_over_ours": statistics.median(published_ms) / ours_replay,
-            "mean_item_tokens": statistics.mean(
-                float(lengths.float().mean()) for _, _, lengths in captured
-            ),
-            "mean_rollout_steps": statistics.mean(int(lengths.max()) for _, _, lengths in captured),
-        },
+        "replay": replay,
         "targets": TARGETS,
     }
 
