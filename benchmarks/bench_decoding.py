@@ -69,54 +69,72 @@ def _titles() -> tuple[str, list[str]]:
     return "synthetic_titles", sorted(titles)
 
 
+def _bpe_tokenizer(titles: list[str]):
+    """A byte-level BPE of :data:`VOCAB_SIZE` tokens trained on the prompt and the titles."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from flower_rec.prompts import build_prompt, response_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([build_prompt([], DOMAIN)] + [response_text(t) for t in titles], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+
+
+def _peaked_llama(tokenizer):
+    """The seeded random tiny Llama, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        initializer_range=0.2,  # peaked distributions: no near-ties between the two runs
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+
+def _published_allowed_tokens(sequences, eos: int) -> dict[tuple[int, ...], list[int]]:
+    """The published structure: every generated prefix (title tokens, then EOS) -> the tokens
+    allowed next."""
+    table: dict[tuple[int, ...], set[int]] = {}
+    for sequence in sequences:
+        path = [*sequence, eos]
+        for end in range(len(path)):
+            table.setdefault(tuple(path[:end]), set()).add(path[end])
+    return {prefix: sorted(tokens) for prefix, tokens in table.items()}
+
+
 class _Setup:
     """Tokenizer, model, catalog, prompts and the three decoders, built once."""
 
     def __init__(self):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import (
-            GenerationConfig,
-            LlamaConfig,
-            LlamaForCausalLM,
-            PreTrainedTokenizerFast,
-        )
+        from transformers import GenerationConfig
 
         from flower_rec.decoding import Catalog, TrieDecoder
-        from flower_rec.prompts import build_prompt, response_text
+        from flower_rec.prompts import build_prompt
 
         self.catalog_name, titles = _titles()
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=VOCAB_SIZE,
-            special_tokens=["<pad>", "<eos>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        bpe.train_from_iterator(
-            [build_prompt([], DOMAIN)] + [response_text(t) for t in titles], trainer
-        )
-        self.tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>"
-        )
+        self.tokenizer = _bpe_tokenizer(titles)
         self.catalog = Catalog.from_titles(titles, self.tokenizer, build_prompt([], DOMAIN))
         self.eos = self.tokenizer.eos_token_id
-        config = LlamaConfig(
-            vocab_size=len(self.tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos,
-            bos_token_id=None,
-            initializer_range=0.2,  # peaked distributions: no near-ties between the two runs
-        )
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            self.model = LlamaForCausalLM(config).eval()
+        self.model = _peaked_llama(self.tokenizer)
 
         rng = random.Random(0)
         self.prompts = [
@@ -138,14 +156,7 @@ class _Setup:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos,
         )
-        # The published structure: every generated prefix (title tokens, then EOS) -> the
-        # tokens allowed next.
-        table: dict[tuple[int, ...], set[int]] = {}
-        for sequence in self.catalog.item_tokens.sequences:
-            path = [*sequence, self.eos]
-            for end in range(len(path)):
-                table.setdefault(tuple(path[:end]), set()).add(path[end])
-        self.allowed = {prefix: sorted(tokens) for prefix, tokens in table.items()}
+        self.allowed = _published_allowed_tokens(self.catalog.item_tokens.sequences, self.eos)
         # A popularity-like guidance prior: Zipf over the items in a seeded random order.
         generator = torch.Generator().manual_seed(0)
         ranks = torch.randperm(self.catalog.num_items, generator=generator).double() + 1
