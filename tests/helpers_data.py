@@ -1,4 +1,4 @@
-"""Small catalogs, node rows, synthetic titles and tokenizers shared by the tests.
+"""Small catalogs, node rows, synthetic titles, tokenizers and models shared by the tests.
 
 Imported as a plain module (``from helpers_data import ...``): pytest puts this folder on
 ``sys.path`` because ``tests/`` is not a package.
@@ -138,3 +138,32 @@ def tiny_dataset() -> Dataset:
     test = [Sample((3, 4, 0), 1, "u2", 150, 5.0, (95, 120, 140), (2.0, 4.0, 5.0))]
     keys = ["A1", "B2", "C3", "D4", "E5", "F6"]
     return Dataset("tiny", titles, train, valid, test, item_keys=keys)
+
+
+def seeded_llama(
+    vocab_size: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    *,
+    num_key_value_heads: int = 2,
+    initializer_range: float = 0.02,
+):
+    """A random two-layer Llama (hidden 32, 4 heads) initialised with seed 0, the global RNG
+    state left as it was, so that it is the same model whichever tests ran before."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        initializer_range=initializer_range,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)

@@ -13,11 +13,11 @@ import warnings
 import pytest
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+from transformers import GenerationConfig, LlamaForCausalLM, LogitsProcessorList
 
 from flower_ext import Trie, ops
 from flower_ext.generation import TrieLogitsProcessor, allowed_token_bitmask
-from helpers_data import allowed_tokens, leaf_nodes, node_rows, random_catalog
+from helpers_data import allowed_tokens, leaf_nodes, node_rows, random_catalog, seeded_llama
 
 VOCAB = 300  # not a multiple of 32
 PAD = 0
@@ -42,20 +42,7 @@ def trie(catalog) -> Trie:
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-        bos_token_id=None,
-        eos_token_id=EOS,
-    )
-    with torch.random.fork_rng():  # a fixed model without touching other tests' RNG state
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
+    return seeded_llama(VOCAB, PAD, EOS).eval()
 
 
 def random_prompts(batch: int, length: int, seed: int) -> Tensor:

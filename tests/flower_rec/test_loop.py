@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+from transformers import LlamaForCausalLM, LogitsProcessorList
 
 from flower_ext import Trie, losses
 from flower_ext.generation import TrieLogitsProcessor
@@ -26,6 +26,7 @@ from flower_rec.loop import (
     state_logits,
     with_termination,
 )
+from helpers_data import seeded_llama
 
 VOCAB, PAD, EOS = 40, 0, 39
 ITEMS = [[5, 6], [5, 6, 7], [5, 8, 9, 10], [11], [11, 12, 13], [14, 15, 16, 17, 18]]
@@ -37,13 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, pad_token_id=PAD, bos_token_id=None, eos_token_id=EOS,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config)
+    return seeded_llama(VOCAB, PAD, EOS, num_key_value_heads=4)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 import torch
 from transformers import (
     GenerationConfig,
-    LlamaConfig,
     LlamaForCausalLM,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
@@ -26,7 +25,7 @@ from transformers import (
 from flower_ext.generation import TrieLogitsProcessor
 from flower_rec.decoding import GUIDANCE_FORMS, Catalog, Guidance, TrieDecoder
 from flower_rec.prompts import build_prompt, item_token_sequences
-from helpers_data import synthetic_titles, train_bpe
+from helpers_data import seeded_llama, synthetic_titles, train_bpe
 
 PAD, EOS = "<pad>", "<eos>"
 
@@ -44,21 +43,10 @@ def tokenizer(titles) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
+    return seeded_llama(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
         initializer_range=0.2,  # peaked next-token distributions
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
+    ).eval()
 
 
 @pytest.fixture(scope="module")
