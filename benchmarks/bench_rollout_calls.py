@@ -22,6 +22,13 @@ rollout each call is made a second time at once, with the same arguments (idempo
 result unused), and timed apart. A first call much slower than its immediate repeat is paying
 to warm the caches after the forward, as any code that ran first would.
 
+A second control tells the op's cost from the custom-op machinery every such op goes through:
+after a prefill forward of the model on the batch (what a rollout's first step follows), one
+call is timed, then the same call in a tight loop, for ``mask_logits_``, ``advance``, a custom
+op with ``mask_logits_``'s schema that does nothing (:func:`do_nothing_`: the dispatch alone)
+and ``torch.empty``; the report gives each one's first-call / tight-loop ratio (median over the
+batches).
+
 ``--checks immediate`` reads every status word after its call, as the ops do outside
 :func:`flower_ext.ops.deferred_checks` (the rollout and the replays open that block on CUDA; on
 the CPU both modes are the same): the before and after of the deferred checks on a GPU.
@@ -118,6 +125,48 @@ def tight_loop_seconds(
     return medians
 
 
+@torch.library.custom_op("flower_ext_bench::do_nothing_", mutates_args=("logits",),
+                         device_types=("cpu", "cuda"))
+def do_nothing_(trie_data: torch.Tensor, layout: list[int], logits: torch.Tensor,
+                node_ids: torch.Tensor) -> None:
+    """``mask_logits_``'s schema, mutation and dispatch, and no work: what any custom op pays."""
+
+
+def first_call_control(
+    model, batch, trie: Trie, repeats: int, device: torch.device, mode: str
+) -> dict[str, tuple[float, float]]:
+    """Per case, ``(µs of its first call after a prefill forward, µs per call in a tight loop)``
+    at the rollout's first step (every row at the root)."""
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    rows = input_ids.shape[0]
+    nodes = torch.zeros(rows, dtype=torch.int32, device=device)
+    tokens = trie.token[1].long().expand(rows).contiguous()  # the root's first child
+    cases = {
+        "mask_logits_": lambda scores: trie.mask_logits_(scores, nodes),
+        "advance": lambda scores: trie.advance(nodes, tokens),
+        "a custom op doing nothing": lambda scores: do_nothing_(trie.data, trie.layout, scores,
+                                                                nodes),
+        "torch.empty": lambda scores: torch.empty(rows, dtype=torch.int32, device=device),
+    }
+    result = {}
+    with torch.no_grad(), checks(mode, device):
+        for case, call in cases.items():
+            scores = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            call(scores)
+            first = time.perf_counter() - start
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call(scores)
+                times.append(time.perf_counter() - start)
+            result[case] = (1e6 * first, 1e6 * statistics.median(times))
+    return result
+
+
 def run_benchmark(
     batches: int, repeats: int, device: torch.device, vocab_size: int | None = None,
     mode: str = "deferred",
@@ -135,6 +184,7 @@ def run_benchmark(
     ratios: dict[str, list[float]] = {op: [] for op in OPS}
     repeat_ratios: dict[str, list[float]] = {op: [] for op in OPS}
     calls_per_rollout: dict[str, list[int]] = {op: [] for op in OPS}
+    first_calls: dict[str, list[tuple[float, float]]] = {}
     all_batches = training_step_bench.make_batches(setup, WARMUP_BATCHES + batches)
     for index, batch in enumerate(all_batches):
         recorder = CallRecorder()
@@ -158,6 +208,10 @@ def run_benchmark(
             ratios[op].append(sum(in_rollout) / sum(tight))
             repeat_ratios[op].append(sum(repeats_in_rollout) / sum(tight))
             calls_per_rollout[op].append(len(calls))
+        if index >= WARMUP_BATCHES:
+            for case, times in first_call_control(model, batch, trie, repeats, device,
+                                                  mode).items():
+                first_calls.setdefault(case, []).append(times)
     return {
         "setup": {
             "dataset": "synthetic (prepare_synthetic, seed 0)",
@@ -191,6 +245,14 @@ def run_benchmark(
             }
             for op in OPS
         },
+        "first_call_control": {
+            case: {
+                "first_call_us": statistics.median(first for first, _ in times),
+                "tight_loop_us": statistics.median(tight for _, tight in times),
+                "ratio": statistics.median(first / tight for first, tight in times),
+            }
+            for case, times in first_calls.items()
+        },
         "target": TARGET,
     }
 
@@ -219,7 +281,14 @@ def table(result: dict) -> str:
         f"{setup['vocab']}, {setup['trie_nodes']} trie nodes, batch {setup['batch_size']}; "
         f"median over {setup['batches']} rollouts, each call replayed {setup['repeats']} times."
     )
-    return f"{header}\n\n" + "\n".join(lines)
+    control = [
+        "| first call after a forward | µs | µs per call in a tight loop | first / tight loop |",
+        "|---|---|---|---|",
+    ]
+    for case, row in result["first_call_control"].items():
+        control.append(f"| {case} | {row['first_call_us']:.1f} | {row['tight_loop_us']:.1f} "
+                       f"| {row['ratio']:.2f}x |")
+    return f"{header}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(control)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ import importlib.util
 import math
 import sys
 
+import torch
+
 from paths import ROOT
 
 
@@ -36,3 +38,14 @@ def test_the_objectives_benchmark_covers_every_variant(monkeypatch):
     result = bench.run_benchmark(steps=1, warmup=0)
     assert set(result["step_ms"]) == set(TRAINING_VARIANTS)
     assert all(math.isfinite(ratio) and ratio > 0 for ratio in result["step_vs_sft"].values())
+
+
+def test_the_rollout_calls_benchmark_runs(monkeypatch):
+    load(monkeypatch, "bench_training_step")
+    bench = load(monkeypatch, "bench_rollout_calls")
+    result = bench.run_benchmark(batches=1, repeats=2, device=torch.device("cpu"))
+    assert set(result["ops"]) == {"mask_logits_", "advance"}
+    assert all(row["calls_per_rollout"] >= 1 and row["ratio"] > 0 for row in result["ops"].values())
+    control = result["first_call_control"]
+    assert set(control) == {"mask_logits_", "advance", "a custom op doing nothing", "torch.empty"}
+    assert all(math.isfinite(row["ratio"]) and row["ratio"] > 0 for row in control.values())
