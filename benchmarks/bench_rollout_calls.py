@@ -167,6 +167,37 @@ def first_call_control(
     return result
 
 
+def time_rollout(
+    model, batch, trie: Trie, eos: int, seed: int, repeats: int, device: torch.device, mode: str
+) -> dict[str, dict[str, float]]:
+    """One rollout with both ops timed call by call, then its calls replayed in a tight loop.
+    Per op: the calls, the mean µs per call in the rollout, of its immediate repeat and in the
+    tight loop, and the ratios of the rollout's and the repeats' totals to the tight loop's."""
+    recorder = CallRecorder()
+    generator = torch.Generator(device).manual_seed(seed)
+    with recorder.active(), mock.patch.object(flower_rec.loop, "status_checks",
+                                              lambda device: checks(mode, device)):
+        rollout(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                trie, eos, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rows = {}
+    for op in OPS:
+        calls = recorder.calls[op]
+        tight = tight_loop_seconds(op, calls, repeats, device, mode)
+        in_rollout = [seconds for *_, seconds in calls]
+        repeated = recorder.repeat_seconds[op]
+        rows[op] = {
+            "calls": len(calls),
+            "rollout_us": 1e6 * statistics.mean(in_rollout),
+            "repeat_us": 1e6 * statistics.mean(repeated),
+            "tight_loop_us": 1e6 * statistics.mean(tight),
+            "ratio": sum(in_rollout) / sum(tight),
+            "repeat_ratio": sum(repeated) / sum(tight),
+        }
+    return rows
+
+
 def run_benchmark(
     batches: int, repeats: int, device: torch.device, vocab_size: int | None = None,
     mode: str = "deferred",
@@ -180,38 +211,21 @@ def run_benchmark(
     eos = setup.tokenizer.eos_token_id
     trie = Trie.from_sequences([s + [eos] for s in setup.catalog.item_tokens.sequences]).to(device)
     model = setup.model.to(device)
-    per_call_us = {op: {"rollout": [], "repeat": [], "tight_loop": []} for op in OPS}
-    ratios: dict[str, list[float]] = {op: [] for op in OPS}
-    repeat_ratios: dict[str, list[float]] = {op: [] for op in OPS}
-    calls_per_rollout: dict[str, list[int]] = {op: [] for op in OPS}
+    per_batch: dict[str, list[dict[str, float]]] = {op: [] for op in OPS}
     first_calls: dict[str, list[tuple[float, float]]] = {}
     all_batches = training_step_bench.make_batches(setup, WARMUP_BATCHES + batches)
     for index, batch in enumerate(all_batches):
-        recorder = CallRecorder()
-        generator = torch.Generator(device).manual_seed(index)
-        with recorder.active(), mock.patch.object(flower_rec.loop, "status_checks",
-                                                  lambda device: checks(mode, device)):
-            rollout(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                    trie, eos, generator=generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        for op in OPS:
-            calls = recorder.calls[op]
-            tight = tight_loop_seconds(op, calls, repeats, device, mode)
-            if index < WARMUP_BATCHES:
-                continue
-            in_rollout = [seconds for *_, seconds in calls]
-            repeats_in_rollout = recorder.repeat_seconds[op]
-            per_call_us[op]["rollout"].append(1e6 * statistics.mean(in_rollout))
-            per_call_us[op]["repeat"].append(1e6 * statistics.mean(repeats_in_rollout))
-            per_call_us[op]["tight_loop"].append(1e6 * statistics.mean(tight))
-            ratios[op].append(sum(in_rollout) / sum(tight))
-            repeat_ratios[op].append(sum(repeats_in_rollout) / sum(tight))
-            calls_per_rollout[op].append(len(calls))
-        if index >= WARMUP_BATCHES:
-            for case, times in first_call_control(model, batch, trie, repeats, device,
-                                                  mode).items():
-                first_calls.setdefault(case, []).append(times)
+        rows = time_rollout(model, batch, trie, eos, index, repeats, device, mode)
+        if index < WARMUP_BATCHES:
+            continue
+        for op, row in rows.items():
+            per_batch[op].append(row)
+        for case, times in first_call_control(model, batch, trie, repeats, device, mode).items():
+            first_calls.setdefault(case, []).append(times)
+
+    def median(op: str, key: str) -> float:
+        return statistics.median(row[key] for row in per_batch[op])
+
     return {
         "setup": {
             "dataset": "synthetic (prepare_synthetic, seed 0)",
@@ -234,14 +248,14 @@ def run_benchmark(
         },
         "ops": {
             op: {
-                "calls_per_rollout": statistics.median(calls_per_rollout[op]),
-                "rollout_us": statistics.median(per_call_us[op]["rollout"]),
-                "rollout_repeat_us": statistics.median(per_call_us[op]["repeat"]),
-                "tight_loop_us": statistics.median(per_call_us[op]["tight_loop"]),
-                "ratio": statistics.median(ratios[op]),
-                "ratio_min": min(ratios[op]),
-                "ratio_max": max(ratios[op]),
-                "repeat_ratio": statistics.median(repeat_ratios[op]),
+                "calls_per_rollout": median(op, "calls"),
+                "rollout_us": median(op, "rollout_us"),
+                "rollout_repeat_us": median(op, "repeat_us"),
+                "tight_loop_us": median(op, "tight_loop_us"),
+                "ratio": median(op, "ratio"),
+                "ratio_min": min(row["ratio"] for row in per_batch[op]),
+                "ratio_max": max(row["ratio"] for row in per_batch[op]),
+                "repeat_ratio": median(op, "repeat_ratio"),
             }
             for op in OPS
         },
