@@ -22,6 +22,12 @@ in ``--out`` (the tables, the verdicts and ``report.json``), training and decodi
 ``accuracy-fairness.png`` each variant's NDCG@10 against DGU (mean ± sd over its seeds) beside
 the decision rule's lines.
 
+``--merge REPORT`` folds the runs of this call into ``REPORT``, an earlier ``report.json`` of this
+script kept as the record (``docs/ablation-v2-report.json``), and reports over both: a run of
+``--out`` replaces the record's run of the same name, and the record is rewritten. A record
+outlives the run folders it came from (checkpoints are not kept), so every row carries its own
+training seconds and kept epoch.
+
 ``--data`` runs the same protocol on a dataset folder instead (the Video_Games part of
 docs/ablation.md, with ``--domain video_games``).
 """
@@ -35,6 +41,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, is_finished, run_demo
+from flower_rec.metrics import write_report
 from flower_rec.plots import plot_accuracy_fairness_panels, plot_group_share_panels
 from flower_rec.prompts import DOMAINS
 from flower_rec.training import METRICS_FILE
@@ -105,18 +112,19 @@ def kept_epoch(run_dir: Path) -> str:
     return f"{best['epoch']:.0f}/{evaluations[-1]['epoch']:.0f}"
 
 
-def summary_table(report: dict, decoding: str, out: Path) -> str:
+def summary_table(report: dict, decoding: str) -> str:
     """Markdown table of one decoding: a row per variant, mean ± sd over its seeds; guided rows
-    name each seed's beta and form, and "kept epoch" each seed's kept and last epoch."""
+    name each seed's beta and form, and "kept epoch" each seed's kept and last epoch ("-" where
+    a row of an older record lacks it)."""
     header = "| variant | seeds | " + " | ".join(COLUMNS) + " | train s | kept epoch |"
     lines = [f"{decoding}:", "", header, "|" + "---|" * (len(COLUMNS) + 4)]
     for name, runs in grouped(report, decoding).items():
         rows = list(runs.values())
         cells = []
         for column in (*COLUMNS, "train_seconds"):
-            values = [row[column] for row in rows]
+            values = [row[column] for row in rows if column in row]
             digits = 0 if column in ("distinct_titles", "train_seconds") else 4
-            cell = f"{statistics.fmean(values):.{digits}f}"
+            cell = f"{statistics.fmean(values):.{digits}f}" if values else "-"
             if len(values) > 1:
                 cell += f" ± {statistics.stdev(values):.{digits}f}"
             cells.append(cell)
@@ -124,9 +132,20 @@ def summary_table(report: dict, decoding: str, out: Path) -> str:
         if decoding == "guided-beam":
             label += " (beta " + ", ".join(
                 f"{row['guidance']['beta']:g} {row['guidance']['form']}" for row in rows) + ")"
-        epochs = ", ".join(kept_epoch(out / "runs" / run) for run in runs)
+        epochs = ", ".join(row.get("kept_epoch", "-") for row in rows)
         lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + f" | {epochs} |")
     return "\n".join(lines)
+
+
+def merged(report: dict, record: dict) -> dict:
+    """``report`` folded into ``record`` (an earlier report of this script): the record's rows
+    of runs that ``report`` does not hold, then ``report``'s rows; ``report``'s other keys win."""
+    runs = {label.split(", ")[0] for label in report["results"]}
+    kept = {label: row for label, row in record["results"].items()
+            if label.split(", ")[0] not in runs}
+    variants = [v for v in record.get("variants", []) if v["name"] not in runs]
+    return {**record, **report, "results": {**kept, **report["results"]},
+            "variants": variants + report["variants"]}
 
 
 def verdicts(report: dict) -> list[str]:
@@ -168,6 +187,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run (60 steps each)")
     parser.add_argument("--finished", action="store_true",
                         help="report the runs already finished in --out; train nothing")
+    parser.add_argument("--merge", metavar="REPORT",
+                        help="an earlier report.json to fold this call's runs into and rewrite")
     parser.add_argument("--data", help="a dataset folder instead of the synthetic one")
     parser.add_argument("--domain", choices=sorted(DOMAINS), default="items",
                         help="wording of the prompts (items)")
@@ -180,13 +201,19 @@ def main() -> int:
         variants = [v for v in variants if is_finished(Path(args.out) / "runs" / v.name)]
         if not variants:
             parser.error(f"no finished run in {args.out}")
+    out = Path(args.out)
     report = run_demo(config, variants)
+    for label, row in report["results"].items():
+        row["kept_epoch"] = kept_epoch(out / "runs" / label.split(", ")[0])
+    if args.merge:
+        report = merged(report, json.loads(Path(args.merge).read_text(encoding="utf-8")))
     report["verdicts"] = verdicts(report)
-    (Path(args.out) / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
-    plot_variant_groups(report, Path(args.out) / "groups-by-variant.png")
-    plot_variant_tradeoff(report, Path(args.out) / "accuracy-fairness.png")
+    write_report(report, args.merge or out / "report.json")
+    (out / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
+    plot_variant_groups(report, out / "groups-by-variant.png")
+    plot_variant_tradeoff(report, out / "accuracy-fairness.png")
     for decoding in DECODINGS:
-        print(summary_table(report, decoding, Path(args.out)), end="\n\n")
+        print(summary_table(report, decoding), end="\n\n")
     print("\n".join(report["verdicts"]))
     return 0
 
