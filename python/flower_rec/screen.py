@@ -111,8 +111,8 @@ def screen(
 
     rows, mixtures = {}, {}
     # Rows of p_u for the mixtures (thetas come with probabilities: checked above).
-    p_u = probabilities.double() if thetas else None
-    if p_u is not None:
+    if thetas:
+        p_u = probabilities.double()
         p_u = p_u / p_u.sum(1, keepdim=True)
     for variant in REWARD_VARIANTS:
         if variant != "logp" and probabilities is None:
