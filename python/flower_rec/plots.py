@@ -134,7 +134,10 @@ def _group_bars(
     width = 0.8 / len(series)
     for index, (label, values) in enumerate(series):
         offsets = [x + (index - (len(series) - 1) / 2) * width for x in range(len(labels))]
-        style = {"color": "0.6", "hatch": "//"} if index == 0 else {"color": f"C{(index - 1) % 10}"}
+        # Past ten methods the colours come round again, dotted then crossed (as the markers of
+        # plot_accuracy_fairness_panels change), so that no two methods look alike.
+        style = {"color": "0.6", "hatch": "//"} if index == 0 else {
+            "color": f"C{(index - 1) % 10}", "hatch": ("", "..", "xx")[(index - 1) // 10 % 3]}
         axes.bar(offsets, values, width, label=label, edgecolor="0.25", linewidth=0.6, **style)
     return labels, max(max(values) for _, values in series)
 

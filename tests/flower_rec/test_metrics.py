@@ -343,7 +343,7 @@ def test_plot_group_share_panels_png(tmp_path):
     from flower_rec.plots import plot_group_share_panels
 
     gh = [0.5, 0.3, 0.2]
-    methods = {f"variant {index}": [0.6, 0.3, 0.1] for index in range(9)}
+    methods = {f"variant {index}": [0.6, 0.3, 0.1] for index in range(12)}  # colours come round
     panels = {"beam": methods, "guided-beam": methods, "sampled-top-k": methods}
     path = plot_group_share_panels(gh, panels, tmp_path / "panels.png", dpi=100)
     assert _png_size(path.read_bytes()) == (1000, 1020)  # 10 x (1.2 + 3 x 3) inches
