@@ -41,6 +41,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from flower_rec.demo import COLUMNS, DECODINGS, DemoConfig, Variant, is_finished, run_demo
+from flower_rec.files import atomic_write_bytes, read_json
 from flower_rec.metrics import write_report
 from flower_rec.plots import plot_accuracy_fairness_panels, plot_group_share_panels
 from flower_rec.prompts import DOMAINS
@@ -196,6 +197,10 @@ def main() -> int:
     config = DemoConfig(out=args.out, data=args.data, domain=args.domain, epochs=args.epochs,
                         quick=args.quick,
                         early_stopping_patience=None if args.quick else args.patience)
+    try:  # a bad record fails before any training, not after it
+        record = read_json(args.merge) if args.merge else None
+    except ValueError as error:
+        parser.error(str(error))
     variants = plan(args.variants, args.seeds)
     if args.finished:
         variants = [v for v in variants if is_finished(Path(args.out) / "runs" / v.name)]
@@ -205,11 +210,11 @@ def main() -> int:
     report = run_demo(config, variants)
     for label, row in report["results"].items():
         row["kept_epoch"] = kept_epoch(out / "runs" / label.split(", ")[0])
-    if args.merge:
-        report = merged(report, json.loads(Path(args.merge).read_text(encoding="utf-8")))
+    if record is not None:
+        report = merged(report, record)
     report["verdicts"] = verdicts(report)
     write_report(report, args.merge or out / "report.json")
-    (out / "verdicts.json").write_text(json.dumps(report["verdicts"], indent=2))
+    atomic_write_bytes(out / "verdicts.json", json.dumps(report["verdicts"], indent=2).encode())
     plot_variant_groups(report, out / "groups-by-variant.png")
     plot_variant_tradeoff(report, out / "accuracy-fairness.png")
     for decoding in DECODINGS:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +67,16 @@ def test_a_table_marks_what_an_older_records_rows_lack(ablation):
     new = {"results": {"sft-seed0, beam": {**columns, "train_seconds": 10.0, "kept_epoch": "7/7"},
                        "sft-seed1, beam": columns}}
     assert ablation.summary_table(new, "beam").splitlines()[-1].endswith("| 10 | 7/7, - |")
+
+
+def test_a_bad_record_is_refused_before_any_run(tmp_path):
+    bad = tmp_path / "record.json"
+    bad.write_text("{", encoding="utf-8")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablation.py"), "--out", str(out), "--merge",
+         str(bad)], capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"error: {bad}: Expecting property name" in done.stderr
+    assert not out.exists()
