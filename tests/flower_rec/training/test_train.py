@@ -264,7 +264,7 @@ def test_flow_objectives_alone_bring_items_out_in_proportion_to_their_reward(
                          **(options if method == "flower" else {}))
         model = new_model(tokenizer, layers=2)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for step in range(120):
+        for step in range(200):
             terms = loss(model, batch, seed=step)
             optimizer.zero_grad()
             terms.loss.backward()
