@@ -66,6 +66,11 @@ def plan(names: list[str], seeds: list[int]) -> list[Variant]:
     ]
 
 
+def run_of(label: str) -> str:
+    """The run of a report row's label ("<run>, <decoding>")."""
+    return label.split(", ")[0]
+
+
 def grouped(report: dict, decoding: str) -> dict[str, dict[str, dict]]:
     """The rows of one decoding by variant name, then by run (seeds folded together)."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -141,9 +146,8 @@ def summary_table(report: dict, decoding: str) -> str:
 def merged(report: dict, record: dict) -> dict:
     """``report`` folded into ``record`` (an earlier report of this script): the record's rows
     of runs that ``report`` does not hold, then ``report``'s rows; ``report``'s other keys win."""
-    runs = {label.split(", ")[0] for label in report["results"]}
-    kept = {label: row for label, row in record["results"].items()
-            if label.split(", ")[0] not in runs}
+    runs = {run_of(label) for label in report["results"]}
+    kept = {label: row for label, row in record["results"].items() if run_of(label) not in runs}
     variants = [v for v in record.get("variants", []) if v["name"] not in runs]
     return {**record, **report, "results": {**kept, **report["results"]},
             "variants": variants + report["variants"]}
@@ -201,15 +205,16 @@ def main() -> int:
         record = read_json(args.merge) if args.merge else None
     except ValueError as error:
         parser.error(str(error))
+    out = Path(args.out)
     variants = plan(args.variants, args.seeds)
     if args.finished:
-        variants = [v for v in variants if is_finished(Path(args.out) / "runs" / v.name)]
+        variants = [v for v in variants if is_finished(out / "runs" / v.name)]
         if not variants:
             parser.error(f"no finished run in {args.out}")
-    out = Path(args.out)
     report = run_demo(config, variants)
+    epochs = {variant.name: kept_epoch(out / "runs" / variant.name) for variant in variants}
     for label, row in report["results"].items():
-        row["kept_epoch"] = kept_epoch(out / "runs" / label.split(", ")[0])
+        row["kept_epoch"] = epochs[run_of(label)]
     if record is not None:
         report = merged(report, record)
     report["verdicts"] = verdicts(report)
